@@ -1,0 +1,81 @@
+"""latentdiff: latent text-to-image diffusion (Stable Diffusion 1.x / 2.x / SDXL), offline.
+
+    import latentdiff
+    pipe = latentdiff.load("v1-5-pruned-emaonly.safetensors")
+    images = pipe("a photo of an astronaut riding a horse", guidance_scale=7.5, steps=30, seed=0)
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig, load_config
+from .pipeline import Pipeline
+
+__version__ = "0.1.0"
+__all__ = ["load", "from_config", "Pipeline", "ModelConfig", "__version__"]
+
+log = logging.getLogger("latentdiff")
+DEFAULT_MODEL = "emoji"
+
+
+def checkpoint_dirs() -> list[Path]:
+    """Where shipped model names are looked up: $LATENTDIFF_CHECKPOINTS, ./checkpoints, the repository's."""
+    dirs = [Path(p) for p in os.environ.get("LATENTDIFF_CHECKPOINTS", "").split(os.pathsep) if p]
+    return dirs + [Path.cwd() / "checkpoints", Path(__file__).resolve().parent.parent / "checkpoints"]
+
+
+def _find(name: str) -> Path | None:
+    for d in checkpoint_dirs():
+        if (d / f"{name}.safetensors").is_file():
+            return d / f"{name}.safetensors"
+    return None
+
+
+def load(path: str | os.PathLike | None = None, *, device: str | torch.device = "cpu",
+         dtype: torch.dtype | None = None, prediction_type: str | None = None,
+         config: str | ModelConfig | None = None) -> Pipeline:
+    """Open a model for generation.
+
+    path: a `.safetensors` / `.ckpt` single file, a diffusers folder, or the name of a model in checkpoints/
+    (None = the shipped default). prediction_type: "epsilon" | "v_prediction"; None = from the file's config,
+    else detected (logged with the reason). config: a preset name, a YAML file or a ModelConfig that overrides
+    detection (e.g. "sd21_v", or a custom architecture). dtype: None = float32.
+    """
+    from . import weights
+
+    dtype = dtype or torch.float32
+    if isinstance(config, str):
+        config = load_config(config)
+    if path is None:
+        path = DEFAULT_MODEL
+    p = Path(path)
+    if not p.exists() and not p.suffix and _find(str(path)):
+        p = _find(str(path))
+    if p.is_dir():
+        from .folders import read_folder
+
+        cfg, modules = read_folder(p, config=config, prediction_type=prediction_type, dtype=dtype, device=device)
+    elif p.is_file():
+        cfg, modules = weights.read_single_file(p, config=config, prediction_type=prediction_type, dtype=dtype,
+                                                device=device)
+    else:
+        shipped = sorted({f.stem for d in checkpoint_dirs() if d.is_dir() for f in d.glob("*.safetensors")})
+        raise FileNotFoundError(f"no checkpoint at {str(path)!r}: not a file, a diffusers folder or a shipped "
+                                f"model name (shipped: {shipped or 'none found'})")
+    return Pipeline(cfg, **modules, device=device, dtype=dtype, source=p.name)
+
+
+def from_config(config: str | ModelConfig, *, seed: int = 0, device: str | torch.device = "cpu",
+                dtype: torch.dtype | None = None) -> Pipeline:
+    """A pipeline with seeded random weights (tests, benchmarks, training from scratch)."""
+    from . import weights
+
+    cfg = load_config(config) if isinstance(config, str) else config
+    torch.manual_seed(seed)
+    modules = weights.build_modules(cfg, meta=False)
+    pipe = Pipeline(cfg, **modules, device=device, dtype=dtype or torch.float32, source=f"{cfg.name} (random)")
+    return pipe.to(device, dtype or torch.float32)

@@ -1,0 +1,89 @@
+"""`latentdiff generate | convert` (training: `accelerate launch train.py`)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _generate(a) -> None:
+    import latentdiff
+    from latentdiff.pipeline import image_grid, save_png
+
+    if a.random_preset:
+        print(f"note: using the '{a.random_preset}' preset with RANDOM weights (no trained model given): "
+              "the image is noise-like, this only exercises the pipeline", file=sys.stderr)
+        pipe = latentdiff.from_config(a.random_preset, device=a.device, dtype=DTYPES[a.dtype] if a.dtype else None)
+    else:
+        pipe = latentdiff.load(a.model, device=a.device, dtype=DTYPES[a.dtype] if a.dtype else None,
+                               prediction_type=a.prediction_type, config=a.config)
+    images = pipe(a.prompt, guidance_scale=a.cfg, steps=a.steps, negative_prompt=a.negative, seed=a.seed,
+                  sampler=a.sampler, schedule=a.schedule, timestep_spacing=a.spacing, height=a.height,
+                  width=a.width, num_images=a.num_images, clip_skip=a.clip_skip, progress=not a.quiet)
+    if len(images) == 1:
+        save_png(images[0], a.output)
+    else:
+        grid = image_grid(images)
+        grid.info["parameters"] = images[0].info.get("parameters", "")
+        save_png(grid, a.output)
+    print(f"wrote {a.output} (seed {pipe.last_seed})")
+
+
+def _convert(a) -> None:
+    import latentdiff
+
+    pipe = latentdiff.load(a.input, dtype=DTYPES[a.dtype], prediction_type=a.prediction_type, config=a.config)
+    pipe.save(a.output, format=a.to, dtype=DTYPES[a.dtype])
+    print(f"wrote {a.output} ({a.to}, {a.dtype})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="latentdiff", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="text to image")
+    g.add_argument("prompt")
+    g.add_argument("-o", "--output", default="out.png")
+    g.add_argument("-m", "--model", default=None, help="single file, diffusers folder or shipped model name")
+    g.add_argument("--random-preset", default=None, help="use a preset with random weights (pipeline smoke test)")
+    g.add_argument("--config", default=None, help="preset name or YAML overriding detection")
+    g.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None)
+    g.add_argument("-n", "--negative", default=None, help="negative prompt")
+    g.add_argument("--steps", type=int, default=None)
+    g.add_argument("--cfg", type=float, default=None, help="guidance scale")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--sampler", default=None)
+    g.add_argument("--schedule", default="normal", choices=["normal", "karras", "exponential"])
+    g.add_argument("--spacing", default=None, choices=["linspace", "leading", "trailing"])
+    g.add_argument("-H", "--height", type=int, default=None)
+    g.add_argument("-W", "--width", type=int, default=None)
+    g.add_argument("--num-images", type=int, default=1)
+    g.add_argument("--clip-skip", type=int, default=None)
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--dtype", choices=list(DTYPES), default=None)
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    g.set_defaults(func=_generate)
+
+    c = sub.add_parser("convert", help="single file <-> diffusers folder, change dtype")
+    c.add_argument("input")
+    c.add_argument("output")
+    c.add_argument("--to", choices=["single_file", "diffusers"], default="single_file")
+    c.add_argument("--dtype", choices=list(DTYPES), default="fp16")
+    c.add_argument("--config", default=None)
+    c.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None)
+    c.set_defaults(func=_convert)
+
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        a.func(a)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

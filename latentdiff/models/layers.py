@@ -1,0 +1,177 @@
+"""Building blocks of the latent-diffusion U-Net (Rombach et al. 2022, built on Dhariwal & Nichol 2021).
+
+Attribute names and ``nn.Sequential`` indices copy the original CompVis / Stability modules
+(``ldm.modules.diffusionmodules.openaimodel`` and ``ldm.modules.attention``), so ``state_dict()`` keys equal
+the keys of the released checkpoints. Where the original has a ``Dropout(p=0)`` at an index, we keep an
+``nn.Identity`` there so the following indices stay the same.
+
+Norms follow the originals: GroupNorm eps 1e-5 in ResBlocks and the output head, eps 1e-6 in front of the
+SpatialTransformer, LayerNorm eps 1e-5 in the transformer blocks.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, (B,) -> (B, dim) float32, in [cos, sin] order.
+
+    freq_i = max_period ** (-i / (dim / 2)), i = 0 .. dim/2 - 1 (ldm; diffusers with flip_sin_to_cos=True,
+    freq_shift=0).
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]  # (B, dim/2)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-Conv, add the projected timestep embedding, GroupNorm-SiLU-Conv, plus a skip path."""
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int = 32):
+        super().__init__()
+        self.in_layers = nn.Sequential(
+            nn.GroupNorm(groups, channels, eps=1e-5), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(
+            nn.GroupNorm(groups, out_channels, eps=1e-5), nn.SiLU(), nn.Identity(),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+        )
+        # ldm zero-initialises the last conv so a fresh block starts as the identity
+        nn.init.zeros_(self.out_layers[3].weight)
+        nn.init.zeros_(self.out_layers[3].bias)
+        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x)  # (B, C_out, H, W)
+        h = h + self.emb_layers(emb)[:, :, None, None].to(h.dtype)  # emb (B, E) -> (B, C_out, 1, 1)
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class Attention(nn.Module):
+    """Multi-head attention of queries from x over keys/values from context (= x for self-attention)."""
+
+    def __init__(self, query_dim: int, heads: int, dim_head: int, context_dim: int | None = None):
+        super().__init__()
+        inner = heads * dim_head
+        context_dim = context_dim or query_dim
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim))  # index 1 was Dropout(0) in ldm
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads)
+                   for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, dim_head)
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class GEGLU(nn.Module):
+    """Gated GELU (Shazeer 2020): one projection to 2x inner, half of it gates the other half."""
+
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        # keys ff.net.0.proj / ff.net.2; index 1 was Dropout(0) in ldm
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm self-attention, cross-attention over the text context, GEGLU feed-forward; each residual."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int):
+        super().__init__()
+        self.attn1 = Attention(dim, heads, dim_head)
+        self.attn2 = Attention(dim, heads, dim_head, context_dim)
+        self.ff = FeedForward(dim)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-5)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        self.norm3 = nn.LayerNorm(dim, eps=1e-5)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Transformer over the H*W positions of a feature map, conditioned on context (B, L, context_dim).
+
+    SD1 projects in and out with 1x1 convs on the map; SD2 / SDXL (``linear``) with Linear layers on tokens.
+    """
+
+    def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int,
+                 linear: bool, groups: int = 32):
+        super().__init__()
+        inner = heads * dim_head
+        self.linear = linear
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        if linear:
+            self.proj_in = nn.Linear(channels, inner)
+            self.proj_out = nn.Linear(inner, channels)
+        else:
+            self.proj_in = nn.Conv2d(channels, inner, 1)
+            self.proj_out = nn.Conv2d(inner, channels, 1)
+        # ldm zero-initialises proj_out so a fresh transformer starts as the identity
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth)
+        )
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        _, _, h, w = x.shape
+        y = self.norm(x)
+        if self.linear:
+            y = self.proj_in(rearrange(y, "b c h w -> b (h w) c"))  # (B, HW, inner)
+        else:
+            y = rearrange(self.proj_in(y), "b c h w -> b (h w) c")
+        for block in self.transformer_blocks:
+            y = block(y, context)
+        if self.linear:
+            y = rearrange(self.proj_out(y), "b (h w) c -> b c h w", h=h, w=w)
+        else:
+            y = self.proj_out(rearrange(y, "b (h w) c -> b c h w", h=h, w=w))
+        return x + y
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)  # (B, C, H/2, W/2)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)

@@ -1,0 +1,130 @@
+"""The latent-diffusion U-Net for SD 1.x, SD 2.x and SDXL (and their 9-channel inpainting twins).
+
+Module paths equal the keys under ``model.diffusion_model.`` of the released single files, so those load
+with ``load_state_dict(strict=True)`` after a prefix strip. Topology (ldm ``openaimodel.UNetModel``):
+
+    input_blocks.0        conv_in                                          (B, C0, h, w)
+    per level l, num_res_blocks times:  ResBlock [+ SpatialTransformer if transformer_depth[l] > 0]
+                 then (except at the last level) one Downsample            h, w halve
+    middle_block          ResBlock, SpatialTransformer(transformer_depth_middle), ResBlock
+    per level (reversed), num_res_blocks + 1 times: ResBlock on cat(h, skip) [+ SpatialTransformer]
+                 the last of each level (except level 0) ends with an Upsample
+    out                   GroupNorm, SiLU, conv_out                        (B, out_channels, h, w)
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from latentdiff.config import UNetConfig
+from latentdiff.models.layers import Downsample, ResBlock, SpatialTransformer, Upsample, timestep_embedding
+
+
+class TimestepBlock(nn.Sequential):
+    """ldm's TimestepEmbedSequential: gives emb to ResBlocks and context to SpatialTransformers."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+def sdxl_vector(pooled: torch.Tensor, size_cond: torch.Tensor, adm_in_channels: int) -> torch.Tensor:
+    """SDXL's added conditioning y (B, adm_in_channels) for ``label_emb``.
+
+    pooled: (B, P) pooled text embedding (bigG); size_cond: (B, 6) = (orig_h, orig_w, crop_top, crop_left,
+    target_h, target_w). Each number gets a (adm_in_channels - P) / 6 dim [cos, sin] Fourier embedding
+    (sgm ConcatTimestepEmbedderND; diffusers' ``text_time`` addition embedding), concatenated after pooled.
+    """
+    b, p = pooled.shape
+    if size_cond.shape != (b, 6):
+        raise ValueError(f"size_cond must have shape ({b}, 6), got {tuple(size_cond.shape)}")
+    if (adm_in_channels - p) <= 0 or (adm_in_channels - p) % 6:
+        raise ValueError(f"adm_in_channels - pooled width ({adm_in_channels} - {p}) must be a positive multiple of 6")
+    feats = timestep_embedding(size_cond.flatten(), (adm_in_channels - p) // 6)  # (B*6, D)
+    return torch.cat([pooled, feats.reshape(b, -1).to(pooled.dtype)], dim=-1)  # (B, adm_in_channels)
+
+
+class UNetModel(nn.Module):
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        if len(cfg.transformer_depth) != len(cfg.channel_mult):
+            raise ValueError(f"transformer_depth {cfg.transformer_depth} needs one entry per level of "
+                             f"channel_mult {cfg.channel_mult}")
+        self.cfg = cfg
+        mc, g = cfg.model_channels, cfg.norm_groups
+        emb_dim = mc * 4
+
+        def attention(ch: int, depth: int) -> SpatialTransformer:
+            heads, dim_head = cfg.heads_at(ch)
+            return SpatialTransformer(ch, heads, dim_head, depth, cfg.context_dim, cfg.use_linear_in_transformer, g)
+
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if cfg.adm_in_channels:
+            self.label_emb = nn.Sequential(
+                nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+            )
+
+        self.input_blocks = nn.ModuleList([TimestepBlock(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        skip_chans = [mc]  # channels of every input block's output, consumed in reverse by output_blocks
+        ch = mc
+        for level, (mult, depth) in enumerate(zip(cfg.channel_mult, cfg.transformer_depth)):
+            for _ in range(cfg.num_res_blocks):
+                layers = [ResBlock(ch, emb_dim, mc * mult, g)]
+                ch = mc * mult
+                if depth:
+                    layers.append(attention(ch, depth))
+                self.input_blocks.append(TimestepBlock(*layers))
+                skip_chans.append(ch)
+            if level != len(cfg.channel_mult) - 1:
+                self.input_blocks.append(TimestepBlock(Downsample(ch)))
+                skip_chans.append(ch)
+
+        self.middle_block = TimestepBlock(
+            ResBlock(ch, emb_dim, ch, g), attention(ch, cfg.transformer_depth_middle), ResBlock(ch, emb_dim, ch, g)
+        )
+
+        self.output_blocks = nn.ModuleList()
+        for level in reversed(range(len(cfg.channel_mult))):
+            mult, depth = cfg.channel_mult[level], cfg.transformer_depth[level]
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_chans.pop(), emb_dim, mc * mult, g)]
+                ch = mc * mult
+                if depth:
+                    layers.append(attention(ch, depth))
+                if level and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(TimestepBlock(*layers))
+
+        self.out = nn.Sequential(nn.GroupNorm(g, ch, eps=1e-5), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+        nn.init.zeros_(self.out[2].weight)  # ldm: zero-initialised output conv
+        nn.init.zeros_(self.out[2].bias)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                y: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, in_channels, h, w); timesteps (B,) float, may be fractional; context (B, L, context_dim);
+        y (B, adm_in_channels) for SDXL (see ``sdxl_vector``). Returns (B, out_channels, h, w)."""
+        factor = 2 ** (len(self.cfg.channel_mult) - 1)
+        if x.shape[-2] % factor or x.shape[-1] % factor:
+            raise ValueError(f"latent height and width must be multiples of {factor}, got {tuple(x.shape[-2:])}")
+        if (y is not None) != bool(self.cfg.adm_in_channels):
+            raise ValueError(f"y must be given exactly when adm_in_channels > 0 "
+                             f"(adm_in_channels={self.cfg.adm_in_channels}, y given: {y is not None})")
+        t = timesteps.expand(x.shape[0]) if timesteps.ndim == 0 else timesteps
+        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(x.dtype))  # (B, 4*C0)
+        if y is not None:
+            emb = emb + self.label_emb(y.to(x.dtype))
+
+        h, skips = x, []
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+        return self.out(h)

@@ -1,0 +1,218 @@
+"""Pipeline: text-to-image (and img2img / inpaint) around a U-Net, a VAE and one or two text encoders.
+
+    prompt -> tokens -> context (B, 77k, D) [+ pooled]      seed -> noise (B, 4, H/f, W/f)
+    denoiser(x, sigma) = CFG(UNet(x * c_in, t(sigma), context)) -> x0;  sampler(denoiser, sigmas) -> latents
+    latents / scaling_factor -> VAE.decode -> images
+
+Same weights, seed (CPU generator) and sampler give the same latents as diffusers' pipelines.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, PngImagePlugin
+from torch import nn
+
+from .config import ModelConfig
+from .models.text import Tokenizer
+from .models.unet import sdxl_vector
+from .prompt import encode_prompts
+from .sampling import samplers, schedules
+from .sampling.denoiser import Denoiser
+
+log = logging.getLogger("latentdiff")
+
+SPACINGS = ("linspace", "leading", "trailing")
+
+
+@dataclass
+class Conditioning:
+    context: torch.Tensor  # (B, 77k, D)
+    pooled: torch.Tensor | None  # (B, P) for SDXL, else None
+
+
+class Pipeline:
+    def __init__(self, cfg: ModelConfig, unet: nn.Module, vae: nn.Module, text_encoders: nn.ModuleList,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, source: str | None = None):
+        self.cfg, self.unet, self.vae, self.text_encoders = cfg, unet, vae, text_encoders
+        self.tokenizer = Tokenizer()
+        self.device, self.dtype, self.source = torch.device(device), dtype, source
+        for m in (unet, vae, text_encoders):
+            m.eval().requires_grad_(False)
+        self.alphas_cumprod = schedules.alphas_cumprod(cfg.beta_start, cfg.beta_end, cfg.num_train_timesteps)
+
+    # --- conditioning -------------------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
+                      clip_skip: int | None = None) -> tuple[Conditioning, Conditioning]:
+        """(cond, uncond) for a prompt (or list) and its negative. Long prompts become 77k tokens, emphasis
+        weights apply (see prompt.py). SDXL follows diffusers' `force_zeros_for_empty_prompt`: with no negative
+        prompt the unconditional context and pooled vector are zeros."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if isinstance(negative_prompt, str) or negative_prompt is None:
+            negatives = [negative_prompt or ""] * len(prompts)
+        else:
+            negatives = list(negative_prompt)
+            if len(negatives) != len(prompts):
+                raise ValueError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
+        with torch.inference_mode():
+            c, cp, u, up = encode_prompts(self.tokenizer, list(self.text_encoders), prompts, negatives,
+                                          clip_skip=clip_skip)
+        if self.cfg.family == "sdxl" and negative_prompt is None:
+            u, up = torch.zeros_like(u), torch.zeros_like(up)
+        return Conditioning(c, cp), Conditioning(u, up)
+
+    def _unet_cond(self, c: Conditioning, n: int, h: int, w: int) -> dict:
+        """Conditioning dict for the denoiser, each prompt repeated n times: prompts p0 p0 p1 p1 (diffusers' order)."""
+        out = {"context": c.context.repeat_interleave(n, 0).to(self.device, self.dtype)}
+        if self.cfg.unet.adm_in_channels:
+            # SDXL size conditioning for plain text-to-image: original = target = (H, W), crop (0, 0)
+            size = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32).expand(c.pooled.shape[0], 6)
+            y = sdxl_vector(c.pooled.float(), size, self.cfg.unet.adm_in_channels)
+            out["y"] = y.repeat_interleave(n, 0).to(self.device, self.dtype)
+        return out
+
+    def _unet_fn(self, x, t, context, y=None):
+        # Latents stay fp32 in the sampler; the U-Net runs in the pipeline dtype.
+        return self.unet(x.to(self.dtype), t.to(x.device), context, y).float()
+
+    # --- generation ---------------------------------------------------------------------------------------
+
+    def __call__(self, prompt: str | list[str], guidance_scale: float | None = None, steps: int | None = None,
+                 negative_prompt: str | list[str] | None = None, seed: int | None = 0, sampler: str | None = None,
+                 schedule: str = "normal", timestep_spacing: str | None = None, height: int | None = None,
+                 width: int | None = None, num_images: int = 1, output: str = "pil",
+                 guidance_rescale: float = 0.0, clip_skip: int | None = None, callback=None, progress: bool = True):
+        """Text to image. Returns a list of PIL images, or the final latents (B, 4, H/f, W/f), not divided by
+        the VAE scaling factor, with output="latent"."""
+        guidance_scale = self.cfg.guidance_scale if guidance_scale is None else guidance_scale
+        steps = self.cfg.steps if steps is None else steps
+        sampler = sampler or self.cfg.sampler
+        height, width = height or self.cfg.size, width or self.cfg.size
+        self._check_args(steps=steps, sampler=sampler, height=height, width=width, num_images=num_images,
+                         output=output, guidance_scale=guidance_scale, timestep_spacing=timestep_spacing)
+        seed = self._seed(seed)
+        cond, uncond = self.encode_prompt(prompt, negative_prompt, clip_skip)
+        n_prompts = cond.context.shape[0]
+        f = self.cfg.vae.downsample
+        shape = (n_prompts * num_images, self.cfg.unet.out_channels, height // f, width // f)
+        generator = torch.Generator("cpu").manual_seed(seed)
+        noise = torch.randn(shape, generator=generator).to(self.device)
+        sched = schedules.get_sigmas(sampler, steps, schedule, timestep_spacing, alphas_cumprod=self.alphas_cumprod)
+        latents = self._sample(sampler, noise, sched, cond, uncond, num_images, height, width, guidance_scale,
+                               guidance_rescale, generator, callback, progress)
+        self.last_seed = seed
+        if output == "latent":
+            return latents
+        params = dict(prompt=prompt, negative_prompt=negative_prompt or "", steps=steps, sampler=sampler,
+                      schedule=schedule, guidance_scale=guidance_scale, seed=seed, height=height, width=width)
+        return self.decode(latents, params)
+
+    def _sample(self, sampler, x, sched, cond, uncond, n, h, w, guidance_scale, guidance_rescale, generator,
+                callback, progress, c_concat=None):
+        denoiser = Denoiser(self._unet_fn, self.alphas_cumprod, self.cfg.prediction_type)
+        extra = {"cond": self._unet_cond(cond, n, h, w), "guidance_scale": guidance_scale,
+                 "guidance_rescale": guidance_rescale}
+        if guidance_scale > 1:
+            extra["uncond"] = self._unet_cond(uncond, n, h, w)
+        if c_concat is not None:
+            extra["c_concat"] = c_concat
+        with torch.inference_mode():
+            return samplers.sample(sampler, denoiser, x, sched, extra, callback=callback, generator=generator,
+                                   disable=not progress)
+
+    def decode(self, latents: torch.Tensor, params: dict | None = None) -> list[Image.Image]:
+        """Latents (B, 4, h, w), as the sampler returns them -> PIL images. An fp16 decode that overflows to NaN
+        is redone in fp32 with a warning."""
+        z = latents.to(self.device) / self.cfg.vae.scaling_factor
+        with torch.inference_mode():
+            img = self.vae.decode(z.to(self.dtype)).float()
+            if torch.isnan(img).any() and self.dtype == torch.float16:
+                log.warning("fp16 VAE decode produced NaN; decoding again in fp32")
+                img = self.vae.float().decode(z.float())
+                self.vae.to(self.dtype)
+        arr = ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        images = [Image.fromarray(a) for a in arr]
+        if params is not None:
+            for im in images:
+                im.info["parameters"] = self._parameters_text(params)
+        return images
+
+    # --- helpers ------------------------------------------------------------------------------------------
+
+    def _parameters_text(self, p: dict) -> str:
+        """A1111's `parameters` PNG text chunk, so an image can be re-created."""
+        prompt = p["prompt"] if isinstance(p["prompt"], str) else " | ".join(p["prompt"])
+        line = (f"Steps: {p['steps']}, Sampler: {p['sampler']}, Schedule type: {p['schedule']}, "
+                f"CFG scale: {p['guidance_scale']}, Seed: {p['seed']}, Size: {p['width']}x{p['height']}, "
+                f"Model: {self.source or self.cfg.name}")
+        return f"{prompt}\nNegative prompt: {p['negative_prompt']}\n{line}"
+
+    @staticmethod
+    def _seed(seed):
+        if seed is None:
+            seed = random.randrange(2**32)
+            log.info("seed=%d (drawn at random)", seed)
+        return int(seed)
+
+    def _check_args(self, steps, sampler, height, width, num_images, output, guidance_scale, timestep_spacing):
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        if sampler not in samplers.SAMPLERS:
+            raise ValueError(f"sampler {sampler!r} is unknown; allowed: {sorted(samplers.SAMPLERS)}")
+        f = self.cfg.vae.downsample
+        for name, v in (("height", height), ("width", width)):
+            if not isinstance(v, int) or v < f or v % 8 or v % f:
+                raise ValueError(f"{name} must be a positive multiple of {max(8, f)}, got {v!r}")
+        if not isinstance(num_images, int) or num_images < 1:
+            raise ValueError(f"num_images must be an integer >= 1, got {num_images!r}")
+        if output not in ("pil", "latent"):
+            raise ValueError(f"output must be 'pil' or 'latent', got {output!r}")
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale!r}")
+        if timestep_spacing is not None and timestep_spacing not in SPACINGS:
+            raise ValueError(f"timestep_spacing must be one of {SPACINGS}, got {timestep_spacing!r}")
+
+    def to(self, device=None, dtype=None) -> "Pipeline":
+        self.device = torch.device(device) if device is not None else self.device
+        self.dtype = dtype or self.dtype
+        for m in (self.unet, self.vae, self.text_encoders):
+            m.to(self.device, self.dtype)
+        return self
+
+    def save(self, path, format: str = "single_file", dtype: torch.dtype | None = None) -> None:
+        """Write a single `.safetensors` (original layout, config in its metadata) or a diffusers folder."""
+        from . import weights
+
+        modules = {"unet": self.unet, "vae": self.vae, "text_encoders": self.text_encoders}
+        if format == "single_file":
+            weights.save_single_file(path, self.cfg, modules, dtype)
+        elif format == "diffusers":
+            from .folders import save_folder
+
+            save_folder(path, self.cfg, modules, dtype)
+        else:
+            raise ValueError(f"format must be 'single_file' or 'diffusers', got {format!r}")
+
+
+def save_png(image: Image.Image, path: str | Path) -> None:
+    """Save with the A1111 `parameters` text chunk, if the image carries one."""
+    info = PngImagePlugin.PngInfo()
+    if "parameters" in image.info:
+        info.add_text("parameters", image.info["parameters"])
+    image.save(path, pnginfo=info)
+
+
+def image_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
+    cols = cols or int(np.ceil(np.sqrt(len(images))))
+    rows = -(-len(images) // cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid
