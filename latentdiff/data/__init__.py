@@ -13,4 +13,5 @@ def build(name: str) -> Path:
         from .emoji import build_emoji
 
         return build_emoji()
-    raise ValueError(f"name must be 'emoji' (the only dataset with a vendored asset; shapes is procedural), got {name!r}")
+    # shapes is procedural: nothing to build.
+    raise ValueError(f"name must be 'emoji' (the only dataset with a vendored asset), got {name!r}")

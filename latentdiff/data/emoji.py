@@ -73,20 +73,21 @@ def held_out_mask(names: list[str]) -> np.ndarray:
 
     Holding out whole tone groups keeps near-duplicates of evaluation images out of training.
     """
-    bases = [_split_tone(n, set(names))[0] for n in names]
+    known = set(names)
+    bases = [_split_tone(n, known)[0] for n in names]
     held = set(sorted(set(bases))[::HELD_OUT_EVERY])
     return np.array([b in held for b in bases])
 
 
 def caption_from_name(name: str, names: set[str]) -> str:
-    """'woman-mage-light' -> 'woman mage, light skin tone'; 'red-apple' -> 'red apple'.
+    """'woman-mage-medium-light' -> 'woman mage, medium-light skin tone'; 'red-apple' -> 'red apple'.
 
-    A tone suffix counts only when the base name has the whole tone family, so
-    'vertical-traffic-light' stays a traffic light.
+    Tones are worded as in Unicode's names. A tone suffix counts only when the base name has the whole tone
+    family, so 'vertical-traffic-light' stays a traffic light.
     """
     base, tone = _split_tone(name, names)
     words = base.replace("-", " ")
-    return f"{words}, {tone.replace('-', ' ')} skin tone" if tone else words
+    return f"{words}, {tone} skin tone" if tone else words
 
 
 def _split_tone(name: str, names: set[str]) -> tuple[str, str | None]:
@@ -118,7 +119,7 @@ def build_emoji(out_dir: Path | str = ASSETS, tarball: Path | str | None = None)
     svgs = _icon_svgs(icon_set)
     names = sorted(svgs)
     images = np.stack([_rasterise(svgs[n], cairosvg) for n in names])  # (N, 64, 64, 3)
-    captions = [caption_from_name(n, set(names)) for n in names]
+    captions = [caption_from_name(n, set(svgs)) for n in names]
     path = out_dir / ASSET.name
     np.savez_compressed(path, images=images, captions=np.array(captions), names=np.array(names))
     (out_dir / "LICENSE-fluent-emoji").write_text(LICENSE_TEXT.format(version=version))

@@ -1,0 +1,267 @@
+"""diffusers-format folders: read (model_index.json, unet/, vae/, text_encoder(_2)/, scheduler/) and write.
+
+The rename tables are in diffusers_format/; this file maps the folder's JSON configs to ours and back.
+The tokenizer is always ours (open_clip's BPE); on save we also write CLIP tokenizer files built from that same
+BPE, so diffusers' `from_pretrained(folder)` works offline.
+
+SD 2.x: diffusers' text encoder holds only the 23 blocks SD2 uses (the released file's last block,
+`text_projection` and `logit_scale` are unused and dropped), so a folder loads as an OpenCLIP tower of 23
+blocks read at its last layer, which is the same computation.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from .diffusers_format import text as text_fmt
+from .diffusers_format import unet as unet_fmt
+from .diffusers_format import vae as vae_fmt
+from .weights import CheckpointError, SafetensorsFile, build_modules, resolve_prediction_type, write_safetensors
+
+log = logging.getLogger("latentdiff")
+
+DIFFUSERS_VERSION = "0.42.1"
+TEXT_DIRS = ("text_encoder", "text_encoder_2")
+
+
+def _role(cfg: ModelConfig) -> str:
+    return {"sd1": "sd1", "sd2": "sd2", "sdxl": "sdxl"}[cfg.family]
+
+
+def _pooled_dim(cfg: ModelConfig) -> int:
+    return cfg.text[-1].projection_dim if cfg.family == "sdxl" else 0
+
+
+# --- configs: diffusers JSON -> ours ---------------------------------------------------------------------
+
+
+def unet_config_from(d: dict) -> UNetConfig:
+    boc = d["block_out_channels"]
+    levels = len(boc)
+    tl = d.get("transformer_layers_per_block", 1)
+    tl = [tl] * levels if isinstance(tl, int) else list(tl)
+    depth = tuple(tl[i] if "CrossAttn" in t else 0 for i, t in enumerate(d["down_block_types"]))
+    heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)  # diffusers' naming, see unet_fmt
+    heads = [heads] * levels if isinstance(heads, int) else list(heads)
+    per_head = {boc[i] // heads[i] for i in range(levels) if depth[i]}
+    if all(h == heads[0] for h in heads) and not d.get("use_linear_projection"):
+        head_kw = dict(num_heads=heads[0], head_channels=0)  # SD1: a fixed number of heads
+    elif len(per_head) == 1:
+        head_kw = dict(head_channels=per_head.pop())  # SD2 / SDXL: 64 channels per head
+    else:
+        raise CheckpointError(f"unet/config.json: attention heads {heads} fit neither a fixed head count nor a "
+                              "fixed head width")
+    return UNetConfig(
+        in_channels=d.get("in_channels", 4), out_channels=d.get("out_channels", 4), model_channels=boc[0],
+        channel_mult=tuple(c // boc[0] for c in boc), num_res_blocks=d.get("layers_per_block", 2),
+        transformer_depth=depth, transformer_depth_middle=tl[-1], context_dim=d["cross_attention_dim"],
+        use_linear_in_transformer=bool(d.get("use_linear_projection", False)),
+        adm_in_channels=d.get("projection_class_embeddings_input_dim") or 0
+        if d.get("addition_embed_type") == "text_time" else 0,
+        norm_groups=d.get("norm_num_groups", 32), **head_kw)
+
+
+def vae_config_from(d: dict) -> VAEConfig:
+    boc = d["block_out_channels"]
+    return VAEConfig(in_channels=d.get("in_channels", 3), out_channels=d.get("out_channels", 3), ch=boc[0],
+                     ch_mult=tuple(c // boc[0] for c in boc), num_res_blocks=d.get("layers_per_block", 2),
+                     z_channels=d.get("latent_channels", 4), norm_groups=d.get("norm_num_groups", 32),
+                     scaling_factor=d.get("scaling_factor", 0.18215))
+
+
+def text_config_from(d: dict, family: str, index: int) -> TextEncoderConfig:
+    common = dict(width=d["hidden_size"], layers=d["num_hidden_layers"], heads=d["num_attention_heads"],
+                  mlp_ratio=d["intermediate_size"] / d["hidden_size"], act=d.get("hidden_act", "quick_gelu"),
+                  vocab_size=d.get("vocab_size", 49408), context_length=d.get("max_position_embeddings", 77))
+    if family == "sd1":
+        return TextEncoderConfig(kind="clip", **common)
+    if family == "sd2":  # the 23 blocks SD2 uses, read at the last one, through the final norm
+        return TextEncoderConfig(kind="open_clip", pad_id=0, layer_from_end=1, final_norm=True, **common)
+    if index == 0:  # SDXL CLIP-L: penultimate, no final norm
+        return TextEncoderConfig(kind="clip", layer_from_end=2, final_norm=False, **common)
+    return TextEncoderConfig(kind="open_clip", pad_id=0, layer_from_end=2, final_norm=False,
+                             projection_dim=d.get("projection_dim", d["hidden_size"]), **common)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: not a complete diffusers folder") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from e
+
+
+def _weights_file(d: Path) -> SafetensorsFile:
+    for name in ("diffusion_pytorch_model.safetensors", "model.safetensors"):
+        if (d / name).is_file():
+            return SafetensorsFile(d / name)
+    if any(d.glob("*.bin")):
+        raise CheckpointError(f"{d}: only pickled .bin weights; convert them to .safetensors first (latentdiff "
+                              "reads no unrestricted pickles)")
+    raise CheckpointError(f"{d}: no diffusion_pytorch_model.safetensors or model.safetensors "
+                          "(sharded or variant-named weights are not supported)")
+
+
+def read_folder(path, config: ModelConfig | None = None, prediction_type: str | None = None,
+                dtype: torch.dtype | None = None, device="cpu"):
+    """A diffusers folder -> (ModelConfig, modules), loaded strictly through the rename tables."""
+    path = Path(path)
+    index = _read_json(path / "model_index.json")
+    cls = index.get("_class_name", "")
+    family = "sdxl" if "XL" in cls else None
+    text_dirs = [t for t in TEXT_DIRS if t in index and index[t][0] is not None]
+    text_json = [_read_json(path / t / "config.json") for t in text_dirs]
+    if family is None:
+        family = "sd2" if text_json and text_json[0].get("hidden_act") == "gelu" else "sd1"
+    sched = _read_json(path / "scheduler" / "scheduler_config.json") if (path / "scheduler").is_dir() else {}
+    if config is None:
+        config = ModelConfig(
+            name=f"{path.name}", family=family,
+            unet=unet_config_from(_read_json(path / "unet" / "config.json")),
+            vae=vae_config_from(_read_json(path / "vae" / "config.json")),
+            text=tuple(text_config_from(d, family, i) for i, d in enumerate(text_json)),
+            prediction_type=sched.get("prediction_type", "epsilon"),
+            beta_start=sched.get("beta_start", 0.00085), beta_end=sched.get("beta_end", 0.012),
+            num_train_timesteps=sched.get("num_train_timesteps", 1000),
+            size=1024 if family == "sdxl" else 768 if sched.get("prediction_type") == "v_prediction" else 512)
+        config_from = "the folder's scheduler_config.json" if "prediction_type" in sched else None
+        if (path / "latentdiff_config.json").is_file():  # written by us: keep the recommended defaults
+            ours = ModelConfig.from_json((path / "latentdiff_config.json").read_text())
+            config = replace(config, name=ours.name, size=ours.size, sampler=ours.sampler, steps=ours.steps,
+                             guidance_scale=ours.guidance_scale)
+    else:
+        config_from = "the config argument"
+    cfg = resolve_prediction_type(config, prediction_type, config_from, {}, None)
+    modules = build_modules(cfg)
+    parts = [("unet", modules["unet"], lambda sd: unet_fmt.from_diffusers(sd, cfg.unet)),
+             ("vae", modules["vae"], lambda sd: vae_fmt.from_diffusers(sd, cfg.vae))]
+    for i, t in enumerate(text_dirs):
+        parts.append((t, modules["text_encoders"][i],
+                      lambda sd, i=i: text_fmt.from_diffusers(sd, cfg.text[i], _role(cfg))))
+    for sub, mod, convert in parts:
+        f = _weights_file(path / sub)
+        try:
+            sd = convert({k: f.get(k) for k in f.entries})
+        except ValueError as e:
+            raise CheckpointError(f"{f.path}: {e}") from e
+        _load_strict(mod, sd, f.path, dtype, device)
+    return cfg, modules
+
+
+def _load_strict(mod: nn.Module, sd: dict, path, dtype, device) -> None:
+    expected = {k: tuple(v.shape) for k, v in mod.state_dict().items()}
+    from .weights import check_keys
+
+    check_keys(path, expected, {k: tuple(v.shape) for k, v in sd.items()})
+    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).to(device)
+          for k, v in sd.items() if k in expected}
+    mod.load_state_dict(sd, strict=True, assign=True)
+
+
+# --- write -----------------------------------------------------------------------------------------------
+
+
+def _scheduler_config(cfg: ModelConfig) -> dict:
+    return {"_class_name": "EulerDiscreteScheduler", "_diffusers_version": DIFFUSERS_VERSION,
+            "beta_start": cfg.beta_start, "beta_end": cfg.beta_end, "beta_schedule": "scaled_linear",
+            "num_train_timesteps": cfg.num_train_timesteps, "prediction_type": cfg.prediction_type,
+            "steps_offset": 1, "timestep_spacing": "leading" if cfg.family == "sdxl" else "linspace",
+            "interpolation_type": "linear", "use_karras_sigmas": False, "clip_sample": False,
+            "set_alpha_to_one": False, "skip_prk_steps": True}
+
+
+def _write_tokenizer(d: Path, pad_token: str) -> None:
+    """CLIP tokenizer files from open_clip's bundled BPE (the same vocabulary and merges)."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    tok = SimpleTokenizer()
+    rename = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    vocab = {rename.get(k, k): v for k, v in tok.encoder.items()}
+    merges = sorted(tok.bpe_ranks, key=tok.bpe_ranks.get)
+    d.mkdir(parents=True)
+    (d / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+               "pad_token": pad_token}
+    (d / "special_tokens_map.json").write_text(json.dumps(special))
+    (d / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True, **special}))
+
+
+def save_folder(path, cfg: ModelConfig, modules: dict, dtype: torch.dtype | None = None) -> None:
+    """Write a diffusers folder. Written to a temporary sibling and renamed into place, so a failure leaves no
+    half-written folder; an existing non-empty target is refused unless it is itself a diffusers folder."""
+    path = Path(path)
+    if path.exists() and any(path.iterdir()) and not (path / "model_index.json").is_file():
+        raise FileExistsError(f"{path} exists and is not a diffusers folder; refusing to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        _write_folder(tmp, cfg, modules, dtype)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_folder(root: Path, cfg: ModelConfig, modules: dict, dtype) -> None:
+    import transformers
+
+    def cast(sd):
+        return {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in sd.items()}
+
+    def component(sub, config, sd, weights_name):
+        (root / sub).mkdir()
+        (root / sub / "config.json").write_text(json.dumps(config, indent=2))
+        write_safetensors(root / sub / weights_name, cast(sd), {"format": "pt"})
+
+    f = cfg.vae.downsample
+    unet_cfg = {"_class_name": "UNet2DConditionModel", "_diffusers_version": DIFFUSERS_VERSION,
+                "sample_size": cfg.size // f, **unet_fmt.diffusers_config(cfg.unet, _pooled_dim(cfg))}
+    component("unet", unet_cfg, unet_fmt.to_diffusers(modules["unet"].state_dict(), cfg.unet),
+              "diffusion_pytorch_model.safetensors")
+    vae_cfg = {"_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION,
+               **vae_fmt.diffusers_config(cfg.vae, sample_size=cfg.size)}
+    component("vae", vae_cfg, vae_fmt.to_diffusers(modules["vae"].state_dict(), cfg.vae),
+              "diffusion_pytorch_model.safetensors")
+    index = {"_class_name": "StableDiffusionXLPipeline" if cfg.family == "sdxl" else
+             "StableDiffusionInpaintPipeline" if cfg.unet.in_channels == 9 else "StableDiffusionPipeline",
+             "_diffusers_version": DIFFUSERS_VERSION, "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "EulerDiscreteScheduler"]}
+    for i, tcfg in enumerate(cfg.text):
+        sub = TEXT_DIRS[i]
+        kw = text_fmt.diffusers_config(tcfg, _role(cfg))
+        with_proj = cfg.family == "sdxl" and i == 1
+        cls = "CLIPTextModelWithProjection" if with_proj else "CLIPTextModel"
+        tconf = transformers.CLIPTextConfig(**kw)
+        tconf.architectures = [cls]
+        component(sub, tconf.to_dict(), text_fmt.to_diffusers(modules["text_encoders"][i].state_dict(), tcfg,
+                                                               _role(cfg)), "model.safetensors")
+        tok = "tokenizer" if i == 0 else "tokenizer_2"
+        _write_tokenizer(root / tok, "!" if tcfg.pad_id == 0 else "<|endoftext|>")
+        index[sub] = ["transformers", cls]
+        index[tok] = ["transformers", "CLIPTokenizer"]
+    if cfg.family == "sdxl":
+        index["force_zeros_for_empty_prompt"] = True
+    else:
+        index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+    (root / "scheduler").mkdir()
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(_scheduler_config(cfg), indent=2))
+    (root / "model_index.json").write_text(json.dumps(index, indent=2))
+    (root / "latentdiff_config.json").write_text(cfg.to_json())

@@ -1,0 +1,192 @@
+"""Tokenizer and text encoders: CLIP-L (transformers) and OpenCLIP H / bigG (open_clip blocks).
+
+Module paths equal the released single-file keys after the prefix strip:
+  CLIP-L    ``cond_stage_model.`` (SD1) / ``conditioner.embedders.0.`` (SDXL) -> ``transformer.text_model.*``
+  OpenCLIP  ``cond_stage_model.`` (SD2) / ``conditioner.embedders.1.`` (SDXL) -> ``model.*``
+so a released file loads with ``load_state_dict(strict=True)`` once ``position_ids`` (not a weight) is dropped.
+
+Both encoders return ``(hidden, pooled)`` for ids of shape (B, 77):
+  hidden  (B, 77, W): the hidden state ``layer_from_end`` layers from the end (1 = last block's output,
+          2 = penultimate), through the final layer norm iff ``cfg.final_norm``;
+  pooled  the final block's output through the final layer norm at the first end token (49407), times
+          ``text_projection`` when the tower has one (SDXL's pooled vector comes from bigG).
+"""
+from __future__ import annotations
+
+import math
+
+import open_clip
+import torch
+import transformers
+from torch import nn
+
+from latentdiff.config import TextEncoderConfig
+
+SOT_ID = 49406  # <start_of_text>
+EOT_ID = 49407  # <end_of_text>; CLIP-L also pads with it, OpenCLIP pads with 0
+
+
+class Tokenizer:
+    """CLIP BPE tokenizer (the vocabulary bundled with open_clip) with open_clip's text cleaning
+    (ftfy, html-unescape twice, whitespace collapse, lower case).
+
+    Padding is a model setting, not a token string: ``pad_id`` 49407 for CLIP-L, 0 for OpenCLIP. A "!"
+    typed in a prompt always stays its own token (transformers' SD2 tokenizers map it to 0).
+    """
+
+    sot_id = SOT_ID
+    eot_id = EOT_ID
+
+    def __init__(self):
+        self._bpe = open_clip.tokenizer.SimpleTokenizer(clean="lower")
+
+    def encode(self, text: str) -> list[int]:
+        """BPE ids of ``text``, without start / end tokens and without truncation."""
+        return self._bpe.encode(text)
+
+    def wrap(self, ids: list[int], pad_id: int = EOT_ID, context_length: int = 77) -> list[int]:
+        """[start] + ids (truncated to context_length - 2) + [end] + pad_id up to context_length."""
+        ids = [SOT_ID, *ids[: context_length - 2], EOT_ID]
+        return ids + [pad_id] * (context_length - len(ids))
+
+    def __call__(self, texts: list[str], pad_id: int = EOT_ID, context_length: int = 77) -> torch.LongTensor:
+        """(B, context_length) ids; up to the end token identical to ``open_clip.tokenize``."""
+        if isinstance(texts, str):
+            texts = [texts]  # not a sequence of one-character prompts
+        return torch.tensor([self.wrap(self.encode(t), pad_id, context_length) for t in texts], dtype=torch.long)
+
+
+def _check_layer(cfg: TextEncoderConfig, layer_from_end: int) -> None:
+    if not 1 <= layer_from_end <= cfg.layers:
+        raise ValueError(f"layer_from_end (clip_skip) must be in [1, {cfg.layers}] for this text encoder, "
+                         f"got {layer_from_end}")
+
+
+def _eot_index(ids: torch.Tensor) -> torch.Tensor:
+    # first end token; argmax returns the first maximum, so this also holds when padding repeats it
+    return (ids == EOT_ID).int().argmax(dim=-1)  # (B,)
+
+
+def clip_config_kwargs(cfg: TextEncoderConfig, layers: int | None = None) -> dict:
+    """transformers CLIPTextConfig kwargs for ``cfg`` (``layers`` overrides the depth, see diffusers_format)."""
+    return dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.width, intermediate_size=int(cfg.width * cfg.mlp_ratio),
+        num_hidden_layers=cfg.layers if layers is None else layers, num_attention_heads=cfg.heads,
+        max_position_embeddings=cfg.context_length, hidden_act=cfg.act, layer_norm_eps=1e-5,
+        projection_dim=cfg.projection_dim or cfg.width,  # read only by CLIPTextModelWithProjection
+        # eos 49407 (not the legacy 2) makes transformers pool at the first end token
+        bos_token_id=SOT_ID, eos_token_id=EOT_ID, pad_token_id=cfg.pad_id,
+    )
+
+
+class CLIPTextEncoder(nn.Module):
+    """OpenAI CLIP text tower (SD1, SDXL's first encoder) as a transformers CLIPTextModel built from the config.
+
+    ``self.transformer.text_model`` is transformers 5.x's CLIPTextModel (flat keys ``embeddings.*``) or 4.x's
+    CLIPTextTransformer (the ``text_model`` inside its CLIPTextModel): either way our keys read
+    ``transformer.text_model.embeddings...`` like the released files. Pooled output: transformers' pooled output
+    (final-norm hidden state at the first end token, no projection); SD does not use it.
+    """
+
+    def __init__(self, cfg: TextEncoderConfig):
+        super().__init__()
+        if cfg.kind != "clip":
+            raise ValueError(f"CLIPTextEncoder needs kind 'clip', got {cfg.kind!r}")
+        self.cfg = cfg
+        model = transformers.CLIPTextModel(transformers.CLIPTextConfig(**clip_config_kwargs(cfg)))
+        self.transformer = nn.Module()
+        self.transformer.text_model = getattr(model, "text_model", model)
+        # position ids are rebuilt in forward: a non-persistent buffer would stay on the meta device (or hold
+        # garbage after to_empty) when the module is built on meta and loaded with assign=True
+        del self.transformer.text_model.embeddings.position_ids
+
+    def forward(self, ids: torch.Tensor, layer_from_end: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self.cfg.layer_from_end if layer_from_end is None else layer_from_end
+        _check_layer(self.cfg, k)
+        clip = self.transformer.text_model
+        positions = torch.arange(ids.shape[1], device=ids.device)[None]  # (1, 77)
+        out = clip(input_ids=ids, position_ids=positions, output_hidden_states=True)
+        hidden = out.hidden_states[-k]  # (B, 77, W); hidden_states[0] is the embedding output
+        if self.cfg.final_norm:
+            hidden = clip.final_layer_norm(hidden)
+        return hidden, out.pooler_output  # (B, 77, W), (B, W)
+
+
+class OpenCLIPTextTower(nn.Module):
+    """The text half of open_clip's ``CLIP``: attribute names equal the released ``...model.*`` keys.
+
+    Built from open_clip's ``Transformer`` (resblocks with fused ``attn.in_proj_weight``) rather than
+    ``TextTransformer``, whose keys lack ``logit_scale`` and whose forward returns only the last layer.
+    ``text_projection`` [W, P] (used as ``x @ text_projection``) and ``logit_scale`` exist iff projection_dim > 0.
+    """
+
+    def __init__(self, cfg: TextEncoderConfig):
+        super().__init__()
+        acts = {"gelu": nn.GELU, "quick_gelu": open_clip.transformer.QuickGELU}
+        if cfg.act not in acts:
+            raise ValueError(f"text encoder act must be one of {sorted(acts)}, got {cfg.act!r}")
+        w = cfg.width
+        self.token_embedding = nn.Embedding(cfg.vocab_size, w)
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, w))
+        self.transformer = open_clip.transformer.Transformer(
+            w, cfg.layers, cfg.heads, mlp_ratio=cfg.mlp_ratio, act_layer=acts[cfg.act], batch_first=True)
+        self.ln_final = nn.LayerNorm(w)
+        if cfg.projection_dim:
+            self.text_projection = nn.Parameter(torch.empty(w, cfg.projection_dim))
+            self.logit_scale = nn.Parameter(torch.empty(()))  # contrastive temperature; kept for round trips
+        self._init_weights(cfg)
+
+    def _init_weights(self, cfg: TextEncoderConfig) -> None:
+        # open_clip's init (only matters for models built for training; loading replaces every tensor)
+        if self.positional_embedding.is_meta:
+            return
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        proj_std = cfg.width**-0.5 * (2 * cfg.layers) ** -0.5
+        for block in self.transformer.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=cfg.width**-0.5)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=(2 * cfg.width) ** -0.5)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        if cfg.projection_dim:
+            nn.init.normal_(self.text_projection, std=cfg.width**-0.5)
+            nn.init.constant_(self.logit_scale, math.log(1 / 0.07))
+
+
+class OpenCLIPTextEncoder(nn.Module):
+    """OpenCLIP ViT-H (SD2) / ViT-bigG (SDXL's second encoder) text tower; ``self.model`` holds the weights."""
+
+    def __init__(self, cfg: TextEncoderConfig):
+        super().__init__()
+        if cfg.kind != "open_clip":
+            raise ValueError(f"OpenCLIPTextEncoder needs kind 'open_clip', got {cfg.kind!r}")
+        self.cfg = cfg
+        self.model = OpenCLIPTextTower(cfg)
+
+    def forward(self, ids: torch.Tensor, layer_from_end: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self.cfg.layer_from_end if layer_from_end is None else layer_from_end
+        _check_layer(self.cfg, k)
+        m = self.model
+        x = m.token_embedding(ids) + m.positional_embedding[: ids.shape[1]]  # (B, 77, W)
+        n = ids.shape[1]
+        causal = torch.full((n, n), float("-inf"), device=x.device, dtype=x.dtype).triu_(1)  # (77, 77)
+        blocks = m.transformer.resblocks
+        for i, block in enumerate(blocks):
+            x = block(x, attn_mask=causal)
+            if i == len(blocks) - k:
+                hidden = x  # (B, 77, W)
+        if self.cfg.final_norm:
+            hidden = m.ln_final(hidden)
+        pooled = m.ln_final(x)[torch.arange(x.shape[0], device=x.device), _eot_index(ids)]  # (B, W)
+        if self.cfg.projection_dim:
+            pooled = pooled @ m.text_projection  # (B, P)
+        return hidden, pooled
+
+
+def build_text_encoder(cfg: TextEncoderConfig) -> nn.Module:
+    """CLIPTextEncoder or OpenCLIPTextEncoder for ``cfg.kind``; works under ``torch.device("meta")``."""
+    if cfg.kind == "clip":
+        return CLIPTextEncoder(cfg)
+    if cfg.kind == "open_clip":
+        return OpenCLIPTextEncoder(cfg)
+    raise ValueError(f"text encoder kind must be 'clip' or 'open_clip', got {cfg.kind!r}")

@@ -1,0 +1,166 @@
+"""TrainConfig: every option of a training run, as one frozen dataclass.
+
+Sources, later ones win: the defaults below, a YAML file (`--config configs/train/x.yaml`, flat keys), then
+command-line overrides `--key=value` or `--key value` (values parsed as YAML, so `--lr=1e-4`, `--buckets=true`,
+`--validation_prompts='[a cat, a dog]'` work). The resolved config is logged and stored in every checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # --- run ---
+    run_name: str = "run"
+    output_dir: str = "runs"  # everything goes to <output_dir>/<run_name>/
+    seed: int = 0
+    mode: str = "unet"  # unet: the diffusion model (and optionally the text encoder) | vae: the autoencoder
+    resume: str | None = None  # "latest" or a checkpoint path
+
+    # --- model ---
+    model: str = "tiny-sd15"  # preset name or model YAML (configs/models/); ignored when init_from is set
+    init_from: str | None = None  # fine-tune: a single file (.safetensors / .ckpt) or a diffusers folder
+    vae_from: str | None = None  # take the (frozen) VAE from this single file, e.g. a VAE-mode export
+    prediction_type: str | None = None  # epsilon | v_prediction; None = the model's
+    train_text_encoder: bool = False
+
+    # --- data ---
+    data: str = "builtin:shapes"  # builtin:shapes | builtin:emoji | an image folder | WebDataset shards (.tar)
+    builtin_size: int = 256  # images taken from a builtin dataset
+    resolution: int = 64  # square side; with buckets, the area of every bucket is about resolution**2
+    buckets: bool = False  # aspect-ratio bucketing
+    bucket_max_ratio: float = 2.0
+    random_crop: bool = False  # else center crop
+    random_flip: bool = False
+    num_workers: int = 0
+    cache_dir: str | None = None  # cache VAE posteriors and text embeddings here (computed once, reused)
+
+    # --- objective (unet mode) ---
+    caption_dropout: float = 0.1  # train on the empty prompt this often, so classifier-free guidance works
+    min_snr_gamma: float = 0.0  # 0 = off; Hang et al. 2023 use 5
+    offset_noise: float = 0.0  # 0 = off; 0.05-0.1 typical (Guttenberg 2023)
+    zero_terminal_snr: bool = False  # Lin et al. 2023; needs v_prediction
+
+    # --- objective (vae mode) ---
+    vae_recon: str = "l1"  # l1 | l2
+    vae_kl_weight: float = 1e-6
+    vae_disc_weight: float = 0.0  # 0 = no patch discriminator
+    vae_disc_start: int = 0  # optimizer step at which the adversarial loss starts
+
+    # --- optimisation ---
+    steps: int = 40  # optimizer steps
+    batch_size: int = 4  # per process and micro-batch
+    grad_accum: int = 1
+    lr: float = 1e-4
+    text_encoder_lr: float | None = None  # None = lr
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine decays from lr to lr * min_lr_ratio
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    mixed_precision: str = "no"  # no | fp16 | bf16 (accelerate)
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    ema_decay: float = 0.9999  # 0 = no EMA (the export is then the raw weights)
+
+    # --- checkpoints, logging, validation ---
+    save_every: int = 0  # 0 = only at the end
+    keep_last: int = 3
+    log_every: int = 10
+    tensorboard: bool = False
+    peak_tflops: float = 0.0  # per device, for model FLOP utilisation; 0 = measure a matmul at startup
+    validate_every: int = 0  # 0 = off
+    validation_prompts: tuple[str, ...] = ("a red circle", "a blue square")
+    validation_steps: int = 10
+    check_sync: bool = False  # debug: after every optimizer step, assert all ranks hold identical weights
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run_name
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def from_dict(d: dict) -> TrainConfig:
+    unknown = set(d) - set(FIELDS)
+    if unknown:
+        raise ValueError(f"unknown training option(s) {sorted(unknown)}; allowed: {sorted(FIELDS)}")
+    d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    for k, v in d.items():
+        # YAML reads "1e-4" as a string (it wants "1.0e-4"); float options take it anyway
+        if "float" in str(FIELDS[k].type) and isinstance(v, (int, str)) and not isinstance(v, bool):
+            try:
+                d[k] = float(v)
+            except ValueError:
+                raise ValueError(f"{k} must be a number, got {v!r}") from None
+    cfg = TrainConfig(**d)
+    check(cfg)
+    return cfg
+
+
+def check(c: TrainConfig) -> None:
+    """Reject bad values before any work starts; each message names the option and what is allowed."""
+    choices = {"mode": ("unet", "vae"), "mixed_precision": ("no", "fp16", "bf16"), "vae_recon": ("l1", "l2"),
+               "prediction_type": (None, "epsilon", "v_prediction")}
+    for name, allowed in choices.items():
+        if getattr(c, name) not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {getattr(c, name)!r}")
+    for name in ("steps", "batch_size", "grad_accum", "resolution", "keep_last", "log_every", "builtin_size"):
+        if not isinstance(getattr(c, name), int) or getattr(c, name) < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {getattr(c, name)!r}")
+    if not 0 <= c.caption_dropout <= 1:
+        raise ValueError(f"caption_dropout must be in [0, 1], got {c.caption_dropout}")
+    if not 0 <= c.ema_decay < 1:
+        raise ValueError(f"ema_decay must be in [0, 1), got {c.ema_decay}")
+    if c.cache_dir and (c.random_crop or c.random_flip):
+        raise ValueError("cache_dir caches one encoding per image: it needs random_crop=false and random_flip=false")
+    if c.cache_dir and c.train_text_encoder:
+        raise ValueError("cache_dir caches text embeddings: it cannot be combined with train_text_encoder=true")
+
+
+def load_train_config(path: str | None, overrides: list[str]) -> TrainConfig:
+    """YAML file (flat keys) + `--key=value` / `--key value` overrides -> TrainConfig."""
+    d = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"training config {p} does not exist")
+        d = yaml.safe_load(p.read_text()) or {}
+    d.update(parse_overrides(overrides))
+    return from_dict(d)
+
+
+def parse_overrides(args: list[str]) -> dict:
+    out, i = {}, 0
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("--"):
+            raise ValueError(f"expected --key=value, got {a!r}")
+        if "=" in a:
+            key, value = a[2:].split("=", 1)
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            key, value = a[2:], args[i + 1]
+            i += 1
+        else:
+            key, value = a[2:], "true"  # a bare flag
+        key = key.replace("-", "_")
+        if key not in FIELDS:
+            raise ValueError(f"unknown training option --{key}; allowed: {sorted(FIELDS)}")
+        out[key] = yaml.safe_load(value) if value != "" else ""
+        i += 1
+    return out
