@@ -86,6 +86,8 @@ class ModelConfig:
     # recommended generation defaults
     size: int = 512
     sampler: str = "euler"
+    # None: each sampler's diffusers default with the released SD scheduler config; SDXL's config says "leading"
+    timestep_spacing: str | None = None
     steps: int = 30
     guidance_scale: float = 7.5
 
@@ -137,7 +139,7 @@ SDXL = ModelConfig(
                     head_channels=64, context_dim=2048, use_linear_in_transformer=True, adm_in_channels=2816),
     vae=VAEConfig(scaling_factor=0.13025),
     text=(SDXL_CLIP_L, OPENCLIP_BIGG),
-    size=1024,
+    size=1024, timestep_spacing="leading",
 )
 
 # Tiny twins: same topology and key names, small widths; a forward pass takes milliseconds on CPU.

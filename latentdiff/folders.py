@@ -4,9 +4,10 @@ The rename tables are in diffusers_format/; this file maps the folder's JSON con
 The tokenizer is always ours (open_clip's BPE); on save we also write CLIP tokenizer files built from that same
 BPE, so diffusers' `from_pretrained(folder)` works offline.
 
-SD 2.x: diffusers' text encoder holds only the 23 blocks SD2 uses (the released file's last block,
-`text_projection` and `logit_scale` are unused and dropped), so a folder loads as an OpenCLIP tower of 23
-blocks read at its last layer, which is the same computation.
+SD 2.x: diffusers' text encoder holds only the 23 blocks SD2 uses; the released file's last block,
+`text_projection` and `logit_scale` are unused for conditioning and not in the folder. Reading a folder fills
+them with zeros (a zero pre-norm block is the identity) and logs their names, so the model has the released
+24-block layout and saves back to a standard single file.
 """
 from __future__ import annotations
 
@@ -84,8 +85,10 @@ def text_config_from(d: dict, family: str, index: int) -> TextEncoderConfig:
                   vocab_size=d.get("vocab_size", 49408), context_length=d.get("max_position_embeddings", 77))
     if family == "sd1":
         return TextEncoderConfig(kind="clip", **common)
-    if family == "sd2":  # the 23 blocks SD2 uses, read at the last one, through the final norm
-        return TextEncoderConfig(kind="open_clip", pad_id=0, layer_from_end=1, final_norm=True, **common)
+    if family == "sd2":  # the released tower: one more block than the folder holds, read at the penultimate
+        common["layers"] += 1
+        return TextEncoderConfig(kind="open_clip", pad_id=0, layer_from_end=2, final_norm=True,
+                                 projection_dim=d["hidden_size"], **common)
     if index == 0:  # SDXL CLIP-L: penultimate, no final norm
         return TextEncoderConfig(kind="clip", layer_from_end=2, final_norm=False, **common)
     return TextEncoderConfig(kind="open_clip", pad_id=0, layer_from_end=2, final_norm=False,
@@ -133,6 +136,7 @@ def read_folder(path, config: ModelConfig | None = None, prediction_type: str | 
             prediction_type=sched.get("prediction_type", "epsilon"),
             beta_start=sched.get("beta_start", 0.00085), beta_end=sched.get("beta_end", 0.012),
             num_train_timesteps=sched.get("num_train_timesteps", 1000),
+            timestep_spacing="leading" if family == "sdxl" else None,
             size=1024 if family == "sdxl" else 768 if sched.get("prediction_type") == "v_prediction" else 512)
         config_from = "the folder's scheduler_config.json" if "prediction_type" in sched else None
         if (path / "latentdiff_config.json").is_file():  # written by us: keep the recommended defaults
@@ -150,6 +154,12 @@ def read_folder(path, config: ModelConfig | None = None, prediction_type: str | 
                       lambda sd, i=i: text_fmt.from_diffusers(sd, cfg.text[i], _role(cfg))))
     for sub, mod, convert in parts:
         f = _weights_file(path / sub)
+        if sub.startswith("text_encoder"):
+            i = TEXT_DIRS.index(sub)
+            absent = text_fmt.absent_in_diffusers(cfg.text[i], _role(cfg))
+            if absent:
+                log.info("%s: %d tensors the diffusers format does not hold are zero-filled: %s%s", sub,
+                         len(absent), ", ".join(absent[:4]), " ..." if len(absent) > 4 else "")
         try:
             sd = convert({k: f.get(k) for k in f.entries})
         except ValueError as e:
@@ -175,7 +185,7 @@ def _scheduler_config(cfg: ModelConfig) -> dict:
     return {"_class_name": "EulerDiscreteScheduler", "_diffusers_version": DIFFUSERS_VERSION,
             "beta_start": cfg.beta_start, "beta_end": cfg.beta_end, "beta_schedule": "scaled_linear",
             "num_train_timesteps": cfg.num_train_timesteps, "prediction_type": cfg.prediction_type,
-            "steps_offset": 1, "timestep_spacing": "leading" if cfg.family == "sdxl" else "linspace",
+            "steps_offset": 1, "timestep_spacing": cfg.timestep_spacing or "linspace",
             "interpolation_type": "linear", "use_karras_sigmas": False, "clip_sample": False,
             "set_alpha_to_one": False, "skip_prk_steps": True}
 

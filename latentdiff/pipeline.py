@@ -97,6 +97,7 @@ class Pipeline:
         self._check_args(steps=steps, sampler=sampler, height=height, width=width, num_images=num_images,
                          output=output, guidance_scale=guidance_scale, timestep_spacing=timestep_spacing)
         seed = self._seed(seed)
+        timestep_spacing = timestep_spacing or self.cfg.timestep_spacing
         cond, uncond = self.encode_prompt(prompt, negative_prompt, clip_skip)
         n_prompts = cond.context.shape[0]
         f = self.cfg.vae.downsample

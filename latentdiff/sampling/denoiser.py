@@ -45,8 +45,7 @@ class Denoiser:
         B = x.shape[0]
         sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).reshape(-1).expand(B)  # (B,)
         s = sigma.view(B, *[1] * (x.ndim - 1)).to(x.dtype)  # (B, 1, 1, 1)
-        c_in = 1 / (s**2 + 1) ** 0.5
-        x_in = x * c_in
+        x_in = x / (s**2 + 1) ** 0.5  # c_in x, divided as diffusers' scale_model_input does (same rounding)
         if c_concat is not None:
             x_in = torch.cat([x_in, c_concat.to(x_in)], dim=1)  # (B, 4 + 5, h, w)
         t = self.sigma_to_t(sigma, schedule).to(x.device)  # (B,)
@@ -62,7 +61,7 @@ class Denoiser:
         if self.prediction_type == "epsilon":
             return x - s * out
         # v: x0 = c_skip x + c_out v with sigma_data = 1 (Karras et al. 2022, table 1)
-        return x / (s**2 + 1) - out * s / (s**2 + 1) ** 0.5
+        return out * (-s / (s**2 + 1) ** 0.5) + x / (s**2 + 1)
 
 
 def rescale_guidance(guided: torch.Tensor, cond_out: torch.Tensor, phi: float) -> torch.Tensor:

@@ -54,7 +54,8 @@ class TrainConfig:
     vae_disc_start: int = 0  # optimizer step at which the adversarial loss starts
 
     # --- optimisation ---
-    steps: int = 40  # optimizer steps
+    steps: int = 40  # optimizer steps (the LR schedule spans these)
+    stop_at_step: int = 0  # stop early at this step with a checkpoint, e.g. to fit a job time limit; 0 = steps
     batch_size: int = 4  # per process and micro-batch
     grad_accum: int = 1
     lr: float = 1e-4

@@ -195,7 +195,7 @@ def epoch_batches(bucket_of: list[int], batch_size: int, seed: int, epoch: int, 
     """This rank's batches for one epoch, each a list of (index, key, bucket).
 
     The global plan is the same on every rank: a seeded permutation, grouped by bucket into full batches (the
-    remainder is dropped), batches shuffled, then dealt round-robin; every rank gets the same number of batches
+    remainder is dropped), batches shuffled (with several buckets), then dealt round-robin; every rank gets the same number of batches
     so DDP never waits for a rank that ran out."""
     n = len(bucket_of)
     g = torch.Generator().manual_seed(seed * 7919 + epoch)
@@ -205,6 +205,8 @@ def epoch_batches(bucket_of: list[int], batch_size: int, seed: int, epoch: int, 
         by_bucket.setdefault(bucket_of[i], []).append((i, epoch * n + pos, bucket_of[i]))
     batches = [items[s : s + batch_size] for _, items in sorted(by_bucket.items())
                for s in range(0, len(items) - batch_size + 1, batch_size)]
-    order = torch.randperm(len(batches), generator=g).tolist()
+    # with one bucket the permutation already mixes; keeping batch order then makes k micro-batches of B the
+    # same samples as one batch of k*B (gradient accumulation is exact)
+    order = torch.randperm(len(batches), generator=g).tolist() if len(by_bucket) > 1 else list(range(len(batches)))
     per_rank = len(batches) // world
     return [batches[order[j]] for j in range(rank, per_rank * world, world)]

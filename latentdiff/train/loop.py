@@ -10,7 +10,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import replace
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -55,7 +55,7 @@ def train(tc: TrainConfig) -> dict:
     # --- resume target and data: every error here comes before any model is built --------------------------
     resume = None
     if tc.resume:
-        resume = checkpoint.latest(ckpt_dir) if tc.resume == "latest" else checkpoint.Path(tc.resume)
+        resume = checkpoint.latest(ckpt_dir) if tc.resume == "latest" else Path(tc.resume)
         if resume is None or not resume.is_file():
             raise FileNotFoundError(f"--resume {tc.resume}: no checkpoint found (looked in {ckpt_dir})")
     records, skipped = data.load_records(tc.data, tc.builtin_size, tc.seed)
@@ -82,7 +82,8 @@ def train(tc: TrainConfig) -> dict:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(tc.mixed_precision, torch.float32)
     for name, m in modules.items():
         m.requires_grad_(name in trained).train(name in trained)
-        m.to(device, torch.float32 if name in trained else weight_dtype)  # frozen parts run in the mixed dtype
+        if not vae_mode or name == "vae":
+            m.to(device, torch.float32 if name in trained else weight_dtype)  # frozen parts run in the mixed dtype
     if tc.gradient_checkpointing and not vae_mode:
         enable_gradient_checkpointing(unet)
     named = {f"{k}.{n}": p for k, m in trained.items() for n, p in m.named_parameters()}
@@ -234,14 +235,13 @@ def train(tc: TrainConfig) -> dict:
 
     def save_checkpoint() -> None:
         rngs = gather_object([checkpoint.rng_state()])  # every rank's RNG states
-        sds = {k: acc.get_state_dict(wrapped[0]) for k in ["_"]}["_"]  # all ranks take part (FSDP / ZeRO)
+        full = acc.get_state_dict(wrapped[0])  # every rank takes part (FSDP / ZeRO gather the full weights)
         if not main:
             return
-        prefix = {"vae": "vae.", "unet": "unet." if tc.train_text_encoder else "", "text_encoders": "text_encoders."}
-        model_sd = {}
-        for k in trained:
-            p = prefix[k]
-            model_sd[k] = {n[len(p):]: v for n, v in sds.items() if n.startswith(p) and (p or not n.startswith("text_encoders."))}
+        full = {n.removeprefix("_orig_mod."): v for n, v in full.items()}  # torch.compile's wrapper
+        prefixes = ({"vae": "vae."} if vae_mode else {"unet": "unet.", "text_encoders": "text_encoders."}
+                    if tc.train_text_encoder else {"unet": ""})
+        model_sd = {k: {n[len(p):]: v for n, v in full.items() if n.startswith(p)} for k, p in prefixes.items()}
         state = {"step": step, "epoch": epoch, "position": position, "config": tc.to_dict(),
                  "model_config": cfg.to_json(), "model": model_sd, "optimizer": optimizer.state_dict(),
                  "ema": ema.state_dict() if ema is not None else None, "rng": rngs, "skipped_images": skipped,
@@ -301,9 +301,9 @@ def train(tc: TrainConfig) -> dict:
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(tc.to_dict(), indent=1))
-    losses, interval_loss, micro, t0, samples = [], 0.0, 0, time.perf_counter(), 0
+    losses, interval_loss, interval_steps, t0, samples = [], 0.0, 0, time.perf_counter(), 0
     bar = tqdm(total=tc.steps, initial=step, disable=not main, desc=tc.run_name, dynamic_ncols=True)
-    while step < tc.steps:
+    while step < tc.steps and step != tc.stop_at_step:
         plan = data.epoch_batches(bucket_of, tc.batch_size, tc.seed, epoch, acc.process_index, acc.num_processes)
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=plan[position:], collate_fn=data.collate,
                                              num_workers=tc.num_workers)
@@ -334,12 +334,13 @@ def train(tc: TrainConfig) -> dict:
                 continue
             # --- one optimizer step done ---
             step += 1
+            interval_steps += 1
             if ema is not None:
                 ema.update(named, step)
             fp = sync_check() if tc.check_sync else None
             bar.update(1)
             if step % tc.log_every == 0 or step == tc.steps:
-                loss_avg = acc.gather(interval_loss[None]).mean().item() / (tc.log_every if step % tc.log_every == 0 else (step % tc.log_every))
+                loss_avg = acc.gather(interval_loss[None]).mean().item() / interval_steps  # over ranks and steps
                 dt = time.perf_counter() - t0
                 rate = samples / dt
                 rec = {"step": step, "epoch": epoch, "loss": loss_avg, "lr": tc.lr * factor, "samples_per_s": rate,
@@ -354,12 +355,12 @@ def train(tc: TrainConfig) -> dict:
                     tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()
                                         if k != "weights_fingerprint"))
                 acc.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=step)
-                interval_loss, t0, samples = 0.0, time.perf_counter(), 0
+                interval_loss, interval_steps, t0, samples = 0.0, 0, time.perf_counter(), 0
             if tc.validate_every and step % tc.validate_every == 0 and main:
                 validate()
-            if (tc.save_every and step % tc.save_every == 0) or step == tc.steps:
+            if (tc.save_every and step % tc.save_every == 0) or step in (tc.steps, tc.stop_at_step):
                 save_checkpoint()
-            if step >= tc.steps:
+            if step >= tc.steps or step == tc.stop_at_step:
                 break
         else:
             epoch, position = epoch + 1, 0
@@ -369,8 +370,8 @@ def train(tc: TrainConfig) -> dict:
     bar.close()
 
     # --- export: the EMA weights as one single file that latentdiff.load opens --------------------------------
-    export = run_dir / "final.safetensors"
-    if main:
+    export = run_dir / "final.safetensors" if step == tc.steps else None
+    if main and export is not None:
         with_ema_weights(lambda: weights.save_single_file(
             export, cfg, {"unet": unet, "vae": vae, "text_encoders": encoders},
             extra_metadata={"training_steps": str(step), "training_run": tc.run_name}))

@@ -1,0 +1,87 @@
+"""One full-size SD 1.5-architecture U-Net call (random weights), latentdiff vs diffusers, same process.
+
+    python benchmarks/bench_unet_step.py                      # 512x512, batch 2 (one guided step), fp32 both
+    python benchmarks/bench_unet_step.py --size 256 --variants ours:fp32 ours:bf16 ours:bf16:cl diffusers:fp32
+
+Both libraries hold the very same weight tensors (diffusers' model is filled from ours through
+``latentdiff.diffusers_format.unet.to_diffusers``). Variants run in rounds, A B C A B C ..., so drift of a noisy
+machine hits all of them alike; medians are printed, then each variant's ratio to the last one (the yardstick,
+by default diffusers fp32). A variant is ``lib:dtype[:cl]``: lib ours | diffusers, dtype fp32 | bf16 | fp16,
+``cl`` = channels-last memory format for weights and input.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _unets import diffusers_twin, random_unet, unet_flops, unet_inputs, variant  # noqa: E402
+
+from latentdiff.config import SD15  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_variant(s: str) -> tuple[str, torch.dtype, bool]:
+    lib, dtype, *rest = s.split(":")
+    if lib not in ("ours", "diffusers") or dtype not in DTYPES or rest not in ([], ["cl"]):
+        raise SystemExit(f"bad variant {s!r}: want lib:dtype[:cl], lib ours|diffusers, dtype {sorted(DTYPES)}")
+    return lib, DTYPES[dtype], bool(rest)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=int, default=512, help="image size in pixels (latents are size/8)")
+    p.add_argument("--batch", type=int, default=2, help="2 = cond + uncond of one guided step")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds (after one warm-up round)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--variants", nargs="+", default=["ours:fp32", "diffusers:fp32"])
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    cfg = SD15.unet
+    specs = [parse_variant(v) for v in a.variants]
+
+    master = random_unet(cfg)
+    models = {}
+    for name, (lib, dtype, cl) in zip(a.variants, specs):
+        ours = variant(master, dtype, cl)
+        models[name] = ours if lib == "ours" else diffusers_twin(ours)
+
+    def call(name):
+        lib, dtype, cl = specs[a.variants.index(name)]
+        x, t, c = unet_inputs(cfg, a.size, a.batch, dtype, cl)
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            out = models[name](x, t, c) if lib == "ours" else models[name](x, t, c, return_dict=False)[0]
+            dt = time.perf_counter() - t0
+        return dt, out.float()
+
+    times = {n: [] for n in a.variants}
+    outs = {}
+    for r in range(a.repeats + 1):
+        for n in a.variants:
+            dt, outs[n] = call(n)
+            if r:  # round 0 warms up allocators and oneDNN kernel caches
+                times[n].append(dt)
+        print(f"round {r}: " + "  ".join(f"{n} {times[n][-1] if r else dt:.2f}s" for n in a.variants), flush=True)
+
+    flops = unet_flops(cfg, a.size, a.batch)
+    ref = a.variants[-1]
+    print(f"\nSD 1.5 U-Net, {a.size}x{a.size}, batch {a.batch}, {torch.get_num_threads()} threads, "
+          f"{flops / 1e12:.3f} TFLOP per call; median of {a.repeats}")
+    print(f"{'variant':<18} {'median s':>9} {'min s':>7} {'TFLOP/s':>8} {'vs ' + ref:>22} {'rel L2 vs ' + ref:>18}")
+    for n in a.variants:
+        med = statistics.median(times[n])
+        rel = (outs[n] - outs[ref]).norm() / outs[ref].norm()
+        print(f"{n:<18} {med:9.3f} {min(times[n]):7.3f} {flops / med / 1e12:8.3f} "
+              f"{med / statistics.median(times[ref]):21.3f}x {rel.item():18.2e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,253 @@
+"""Trainer (issue 5): multi-process run, exact resume, crash safety, gradient accumulation, the objective against
+diffusers, bad data. Tiny model (tiny-sd15, 64x64 images -> 8x8 latents), a few steps each."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from PIL import Image
+
+import latentdiff
+from latentdiff.train import checkpoint, data
+from latentdiff.train.config import from_dict, load_train_config, parse_overrides
+from latentdiff.train.loop import train
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE = REPO / "configs/train/smoke.yaml"
+PY = sys.executable
+
+
+def _cfg(tmp_path, **kw):
+    base = load_train_config(str(SMOKE), []).to_dict()
+    base.update(output_dir=str(tmp_path / "runs"), log_every=1, builtin_size=32, **kw)
+    return from_dict(base)
+
+
+def _train(cfg):
+    AcceleratorState._reset_state(True)  # a fresh accelerate state per in-process run
+    GradientState._reset_state()
+    return train(cfg)
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())}
+
+
+def _env():
+    return dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+
+
+def test_two_processes(tmp_path):
+    """accelerate, 2 CPU processes (gloo DDP): loss falls, ranks agree after every step, one file per save."""
+    out = tmp_path / "runs"
+    cmd = [str(Path(PY).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "train.py"), "--config", str(SMOKE),
+           f"--output_dir={out}", "--steps=8", "--save_every=4", "--keep_last=10", "--log_every=1", "--check_sync",
+           "--builtin_size=32"]
+    r = subprocess.run(cmd, cwd=tmp_path, env=dict(_env(), ACCELERATE_USE_CPU="true"), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = [json.loads(x) for x in (out / "smoke/log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in recs] == list(range(1, 9))
+    assert all("weights_fingerprint" in x for x in recs)  # compared across ranks after every optimizer step
+    assert "2 process" in r.stderr or "4 batches per process" in r.stderr  # 32 images / (4 x 2 ranks)
+    losses = [x["loss"] for x in recs]
+    assert np.mean(losses[-3:]) < losses[0] - 0.1, losses
+    assert [p.name for p in checkpoint.list_checkpoints(out / "smoke/checkpoints")] == \
+        ["ckpt-00000004.pt", "ckpt-00000008.pt"]
+    assert not list((out / "smoke/checkpoints").glob(".*tmp"))
+    pipe = latentdiff.load(out / "smoke/final.safetensors")
+    assert pipe.cfg.name == "tiny-sd15"
+    images = pipe("a red circle", steps=3, seed=0, progress=False)
+    assert images[0].size == (64, 64) and np.asarray(images[0]).std() > 0
+
+
+def test_exact_resume(tmp_path):
+    """20 steps straight == 10 steps, stop, --resume latest, 10 more: same losses, bitwise-equal weights."""
+    a = _cfg(tmp_path, run_name="straight", steps=20, save_every=0)
+    _train(a)
+    b = _cfg(tmp_path, run_name="split", steps=20, save_every=0, stop_at_step=10)
+    _train(b)
+    assert checkpoint.latest(b.run_dir / "checkpoints").name == "ckpt-00000010.pt"
+    assert not (b.run_dir / "final.safetensors").exists()
+    _train(from_dict({**b.to_dict(), "stop_at_step": 0, "resume": "latest"}))
+    la, lb = _losses(a.run_dir), _losses(b.run_dir)
+    assert sorted(lb) == list(range(1, 21))
+    assert [la[s] for s in range(1, 21)] == [lb[s] for s in range(1, 21)]
+    sa = checkpoint.load(checkpoint.latest(a.run_dir / "checkpoints"))
+    sb = checkpoint.load(checkpoint.latest(b.run_dir / "checkpoints"))
+    for part in ("model", "ema"):
+        flat_a = sa[part]["unet"] if part == "model" else sa[part]
+        flat_b = sb[part]["unet"] if part == "model" else sb[part]
+        assert flat_a.keys() == flat_b.keys()
+        assert all(torch.equal(flat_a[k], flat_b[k]) for k in flat_a), part
+    assert sa["optimizer"]["state"].keys() == sb["optimizer"]["state"].keys()
+    assert all(torch.equal(sa["optimizer"]["state"][i]["exp_avg"], sb["optimizer"]["state"][i]["exp_avg"])
+               for i in sa["optimizer"]["state"])
+
+
+def test_sigkill_during_checkpoint_write(tmp_path):
+    """Killed while writing step 6's checkpoint: step 3's is intact and the run resumes from it to the end."""
+    cfg = _cfg(tmp_path, run_name="killed", steps=6, save_every=3)
+    args = [f"--{k}={json.dumps(v) if isinstance(v, (list, tuple)) else v}" for k, v in cfg.to_dict().items()
+            if v is not None]
+    env = dict(_env(), **{checkpoint.KILL_HOOK: "6"})
+    r = subprocess.run([PY, str(REPO / "train.py"), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == -9, r.stderr[-2000:]
+    ckpts = cfg.run_dir / "checkpoints"
+    assert [p.name for p in checkpoint.list_checkpoints(ckpts)] == ["ckpt-00000003.pt"]
+    assert len(list(ckpts.glob(".ckpt-00000006.pt.tmp"))) == 1  # the interrupted write
+    assert checkpoint.load(ckpts / "ckpt-00000003.pt")["step"] == 3
+    out = _train(from_dict({**cfg.to_dict(), "resume": "latest"}))
+    assert out["step"] == 6 and (cfg.run_dir / "final.safetensors").is_file()
+    assert [p.name for p in checkpoint.list_checkpoints(ckpts)] == ["ckpt-00000003.pt", "ckpt-00000006.pt"]
+    assert not list(ckpts.glob(".*tmp"))
+
+
+def test_grad_accumulation_equals_big_batch(tmp_path):
+    one = _cfg(tmp_path, run_name="b4", steps=2, batch_size=4, grad_accum=1, ema_decay=0.0, save_every=0)
+    two = _cfg(tmp_path, run_name="b2x2", steps=2, batch_size=2, grad_accum=2, ema_decay=0.0, save_every=0)
+    _train(one)
+    _train(two)
+    la, lb = _losses(one.run_dir), _losses(two.run_dir)
+    assert la.keys() == lb.keys() == {1, 2}
+    assert all(abs(la[s] - lb[s]) < 1e-5 for s in la), (la, lb)
+    wa = checkpoint.load(checkpoint.latest(one.run_dir / "checkpoints"))["model"]["unet"]
+    wb = checkpoint.load(checkpoint.latest(two.run_dir / "checkpoints"))["model"]["unet"]
+    diff = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    moved = max((wa[k] - w0).abs().max().item() for k, w0 in _initial_unet().items())
+    assert diff < 1e-5 and moved > 1e-3, (diff, moved)
+
+
+def _initial_unet():
+    from latentdiff import weights
+    from latentdiff.config import load_config
+
+    torch.manual_seed(0)
+    return weights.build_modules(load_config("tiny-sd15"), meta=False)["unet"].state_dict()
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_one_step_matches_diffusers(prediction_type):
+    """Loss and AdamW-updated weights of one step equal those of diffusers' UNet2DConditionModel + DDPMScheduler."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from latentdiff.config import load_config
+    from latentdiff.diffusers_format.unet import diffusers_config, to_diffusers
+    from latentdiff.models.unet import UNetModel
+    from latentdiff.sampling.schedules import alphas_cumprod
+    from latentdiff.train.objective import unet_loss
+
+    cfg = load_config("tiny-sd15")
+    torch.manual_seed(0)
+    ours = UNetModel(cfg.unet)
+    with torch.no_grad():
+        for p in ours.parameters():  # the zero-initialised output conv would make the test vacuous
+            p.normal_(0, 0.05)
+    theirs = UNet2DConditionModel(**diffusers_config(cfg.unet))
+    theirs.load_state_dict(to_diffusers(ours.state_dict(), cfg.unet), strict=True)
+    g = torch.Generator().manual_seed(1)
+    latents, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    context, t = torch.randn(3, 77, 32, generator=g), torch.tensor([5, 480, 999])
+
+    loss = unet_loss(lambda x, tt: ours(x, tt, context), latents, noise, t,
+                     alphas_cumprod(cfg.beta_start, cfg.beta_end, 1000), prediction_type)
+    sched = DDPMScheduler(beta_start=cfg.beta_start, beta_end=cfg.beta_end, beta_schedule="scaled_linear",
+                          prediction_type=prediction_type)
+    target = noise if prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
+    pred = theirs(sched.add_noise(latents, noise, t), t, encoder_hidden_states=context).sample
+    ref = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="mean")
+    assert abs(loss.item() - ref.item()) < 1e-5 * max(1, ref.item())
+
+    for model, value in ((ours, loss), (theirs, ref)):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+        value.backward()
+        opt.step()
+    converted = to_diffusers(ours.state_dict(), cfg.unet)
+    diff = max((converted[k] - v).abs().max().item() for k, v in theirs.state_dict().items())
+    assert diff < 1e-5, diff
+
+
+def test_min_snr_weights_match_diffusers_recipe():
+    from diffusers.training_utils import compute_snr
+
+    from latentdiff.sampling.schedules import alphas_cumprod
+    from latentdiff.train.objective import snr_weights
+
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    t = torch.tensor([0, 10, 300, 999])
+    snr = compute_snr(sched, t)
+    base = torch.stack([snr, 5.0 * torch.ones_like(snr)], dim=1).min(dim=1)[0]
+    a = alphas_cumprod(0.00085, 0.012, 1000)[t]
+    torch.testing.assert_close(snr_weights(a, 5.0, "epsilon"), base / snr, rtol=1e-5, atol=0)
+    torch.testing.assert_close(snr_weights(a, 5.0, "v_prediction"), base / (snr + 1), rtol=1e-5, atol=0)
+
+
+def test_bad_data(tmp_path, caplog):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    rgb = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    for name in ("a", "b", "c", "d"):
+        Image.fromarray(rgb).save(root / f"{name}.png")
+    for name in ("a", "b", "c"):
+        (root / f"{name}.txt").write_text(f"caption {name}\n")
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    good = (root / "a.png").read_bytes()
+    (root / "truncated.png").write_bytes(good[: len(good) // 2])
+    with caplog.at_level(logging.WARNING, logger="latentdiff.train"):
+        records, skipped = data.load_records(str(root), 0, 0)
+    assert skipped == 2 and len(records) == 4
+    assert {r.caption for r in records} == {"caption a", "caption b", "caption c", ""}
+    assert "skipping unreadable image" in caplog.text and "broken.png" in caplog.text
+    assert "truncated.png" in caplog.text
+    assert "no caption for" in caplog.text and "d.png" in caplog.text
+
+    # errors come before any work: no run folder is created
+    with pytest.raises(data.DataError, match="does not exist"):
+        _train(_cfg(tmp_path, run_name="missing", data=str(tmp_path / "nope")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(data.DataError, match="empty"):
+        _train(_cfg(tmp_path, run_name="empty", data=str(tmp_path / "empty")))
+    assert not (tmp_path / "runs").exists()
+
+    # a folder trains: 4 readable images, one batch of 4, the empty caption included
+    cfg = _cfg(tmp_path, run_name="folder", data=str(root), steps=1, ema_decay=0.0)
+    _train(cfg)
+    rec = json.loads((cfg.run_dir / "log.jsonl").read_text().splitlines()[0])
+    assert rec["skipped_images"] == 2
+
+
+def test_config_overrides_and_errors():
+    d = parse_overrides(["--lr=1e-4", "--steps", "7", "--buckets", "--validation_prompts=[a, b]"])
+    cfg = from_dict(d)
+    assert cfg.lr == 1e-4 and cfg.steps == 7 and cfg.buckets is True and cfg.validation_prompts == ("a", "b")
+    with pytest.raises(ValueError, match="unknown training option --lrr"):
+        parse_overrides(["--lrr=1"])
+    with pytest.raises(ValueError, match="mixed_precision must be one of"):
+        from_dict({"mixed_precision": "fp8"})
+
+
+def test_buckets_and_epoch_plan():
+    buckets = data.make_buckets(64, 16, 2.0)
+    assert (64, 64) in buckets and all(h * w <= 64 * 64 and h % 16 == 0 and w % 16 == 0 for h, w in buckets)
+    assert buckets[data.assign_bucket((100, 200), buckets)] == (32, 64) or \
+        buckets[data.assign_bucket((100, 200), buckets)][1] / buckets[data.assign_bucket((100, 200), buckets)][0] == 2
+    bucket_of = [0] * 10 + [1] * 7
+    plans = [data.epoch_batches(bucket_of, 3, 0, 0, r, 2) for r in range(2)]
+    assert len(plans[0]) == len(plans[1]) == 2  # 3 + 2 full batches, dealt evenly to 2 ranks
+    for plan in plans:
+        for batch in plan:
+            assert len({b for _, _, b in batch}) == 1  # one bucket per batch
+    seen = [i for plan in plans for batch in plan for i, _, _ in batch]
+    assert len(seen) == len(set(seen))
