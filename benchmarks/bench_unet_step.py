@@ -69,7 +69,7 @@ def main(argv=None) -> None:
             dt, outs[n] = call(n)
             if r:  # round 0 warms up allocators and oneDNN kernel caches
                 times[n].append(dt)
-        print(f"round {r}: " + "  ".join(f"{n} {times[n][-1] if r else dt:.2f}s" for n in a.variants), flush=True)
+            print(f"round {r}{' (warm-up)' if not r else ''}: {n} {dt:.2f}s", flush=True)
 
     flops = unet_flops(cfg, a.size, a.batch)
     ref = a.variants[-1]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, PngImagePlugin
 from torch import nn
 
@@ -90,42 +91,107 @@ class Pipeline:
                  guidance_rescale: float = 0.0, clip_skip: int | None = None, callback=None, progress: bool = True):
         """Text to image. Returns a list of PIL images, or the final latents (B, 4, H/f, W/f), not divided by
         the VAE scaling factor, with output="latent"."""
+        return self._generate(prompt, None, None, 1.0, guidance_scale, steps, negative_prompt, seed, sampler,
+                              schedule, timestep_spacing, height, width, num_images, output, guidance_rescale,
+                              clip_skip, callback, progress)
+
+    def img2img(self, prompt: str | list[str], image, strength: float = 0.75, **kw):
+        """Image to image with diffusers' strength semantics: the image is encoded (posterior sample from the
+        seed's generator), noised to the first of the last int(steps * strength) steps, and sampled from there.
+        `image`: PIL image or tensor (3, H, W) / (B, 3, H, W) in [-1, 1]; its size is the output size unless
+        height / width are given. Other arguments as in __call__."""
+        return self._generate(prompt, image, None, strength, **_named(kw))
+
+    def inpaint(self, prompt: str | list[str], image, mask, strength: float = 1.0, **kw):
+        """Repaint where `mask` is white (1), keep where it is black (0).
+
+        9-channel inpainting checkpoints get (mask, masked-image latent) concatenated to the U-Net input, as in
+        diffusers' StableDiffusionInpaintPipeline. Regular checkpoints blend the known region back at every
+        model call (ComfyUI's rule: x = x*m + (x0 + sigma*noise)*(1-m) before, x0 restored after), so the kept
+        pixels come back exactly up to the VAE round trip."""
+        return self._generate(prompt, image, mask, strength, **_named(kw))
+
+    def _generate(self, prompt, image, mask, strength, guidance_scale=None, steps=None, negative_prompt=None,
+                  seed=0, sampler=None, schedule="normal", timestep_spacing=None, height=None, width=None,
+                  num_images=1, output="pil", guidance_rescale=0.0, clip_skip=None, callback=None, progress=True):
         guidance_scale = self.cfg.guidance_scale if guidance_scale is None else guidance_scale
         steps = self.cfg.steps if steps is None else steps
         sampler = sampler or self.cfg.sampler
+        if image is not None:
+            image = _image_tensor(image, "image")  # (1 or B, 3, H, W) in [-1, 1]
+            height, width = height or image.shape[-2], width or image.shape[-1]
         height, width = height or self.cfg.size, width or self.cfg.size
         self._check_args(steps=steps, sampler=sampler, height=height, width=width, num_images=num_images,
                          output=output, guidance_scale=guidance_scale, timestep_spacing=timestep_spacing)
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], got {strength!r}")
         seed = self._seed(seed)
         timestep_spacing = timestep_spacing or self.cfg.timestep_spacing
         cond, uncond = self.encode_prompt(prompt, negative_prompt, clip_skip)
-        n_prompts = cond.context.shape[0]
+        B = cond.context.shape[0] * num_images
         f = self.cfg.vae.downsample
-        shape = (n_prompts * num_images, self.cfg.unet.out_channels, height // f, width // f)
+        shape = (B, self.cfg.unet.out_channels, height // f, width // f)
         generator = torch.Generator("cpu").manual_seed(seed)
-        noise = torch.randn(shape, generator=generator).to(self.device)
         sched = schedules.get_sigmas(sampler, steps, schedule, timestep_spacing, alphas_cumprod=self.alphas_cumprod)
+        start = schedules.strength_start(steps, strength)
+        if start >= steps:
+            raise ValueError(f"strength={strength} with steps={steps} leaves no step to run; raise either")
+        sched = sched[start:]
+        x0 = c_concat = blend = None
+        inpaint9 = self.cfg.unet.in_channels == self.cfg.unet.out_channels + 5
+        if inpaint9 and mask is None:
+            raise ValueError("this is an inpainting checkpoint (9 input channels): use pipe.inpaint(prompt, image, "
+                             "mask)")
+        if mask is not None:
+            m = _image_tensor(mask, "mask", gray=True)  # (1 or B, 1, Hm, Wm) in [0, 1]
+            if m.shape[-2:] != image.shape[-2:]:
+                raise ValueError(f"mask size {tuple(m.shape[-2:])[::-1]} differs from the image size "
+                                 f"{tuple(image.shape[-2:])[::-1]} (width x height); they must be equal")
+            m = (_resize(m, height, width) >= 0.5).float().expand(B, -1, -1, -1)  # binarised as diffusers
+            m_lat = F.interpolate(m, size=shape[-2:])  # (B, 1, h, w), nearest
+        if image is not None:
+            image = _resize(image, height, width).expand(B, -1, -1, -1)
+        # generator draws, in diffusers' order: [image posterior], noise, [masked-image posterior]
+        if image is not None and (mask is None or start > 0 or not inpaint9):
+            x0 = self._encode_image(image, generator)
+        noise = torch.randn(shape, generator=generator).to(self.device)
+        if mask is not None and inpaint9:
+            masked = self._encode_image(image * (m < 0.5), generator)
+            c_concat = torch.cat([m_lat.to(self.device), masked], 1)  # (B, 5, h, w)
+        elif mask is not None:
+            blend = (m_lat.to(self.device), x0, noise)
+        x0_start = None if mask is not None and start == 0 else x0  # inpaint at strength 1: pure noise, as diffusers
         latents = self._sample(sampler, noise, sched, cond, uncond, num_images, height, width, guidance_scale,
-                               guidance_rescale, generator, callback, progress)
+                               guidance_rescale, generator, callback, progress, c_concat, x0_start, blend)
         self.last_seed = seed
         if output == "latent":
             return latents
         params = dict(prompt=prompt, negative_prompt=negative_prompt or "", steps=steps, sampler=sampler,
                       schedule=schedule, guidance_scale=guidance_scale, seed=seed, height=height, width=width)
+        if image is not None:
+            params["strength"] = strength
         return self.decode(latents, params)
 
+    def _encode_image(self, image: torch.Tensor, generator) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, h, w), a posterior sample as diffusers draws it."""
+        with torch.inference_mode():
+            post = self.vae.encode(image.to(self.device, self.dtype))
+            return post.sample(generator).float() * self.cfg.vae.scaling_factor
+
     def _sample(self, sampler, x, sched, cond, uncond, n, h, w, guidance_scale, guidance_rescale, generator,
-                callback, progress, c_concat=None):
-        denoiser = Denoiser(self._unet_fn, self.alphas_cumprod, self.cfg.prediction_type)
+                callback, progress, c_concat=None, x0=None, blend=None):
+        model = Denoiser(self._unet_fn, self.alphas_cumprod, self.cfg.prediction_type)
         extra = {"cond": self._unet_cond(cond, n, h, w), "guidance_scale": guidance_scale,
-                 "guidance_rescale": guidance_rescale}
+                 "guidance_rescale": guidance_rescale, "schedule": sched}
         if guidance_scale > 1:
             extra["uncond"] = self._unet_cond(uncond, n, h, w)
         if c_concat is not None:
             extra["c_concat"] = c_concat
+        if blend is not None:
+            model = _KeepKnown(model, *blend)
         with torch.inference_mode():
-            return samplers.sample(sampler, denoiser, x, sched, extra, callback=callback, generator=generator,
-                                   disable=not progress)
+            return samplers.sample(sampler, model, x, sched, extra, callback=callback, generator=generator,
+                                   disable=not progress, x0=x0)
 
     def decode(self, latents: torch.Tensor, params: dict | None = None) -> list[Image.Image]:
         """Latents (B, 4, h, w), as the sampler returns them -> PIL images. An fp16 decode that overflows to NaN
@@ -199,6 +265,49 @@ class Pipeline:
             save_folder(path, self.cfg, modules, dtype)
         else:
             raise ValueError(f"format must be 'single_file' or 'diffusers', got {format!r}")
+
+
+class _KeepKnown:
+    """Inpainting with a regular checkpoint: the known region (mask 0) follows the noised source latents into
+    the model and is restored in its prediction (ComfyUI's KSamplerX0Inpaint rule)."""
+
+    def __init__(self, model, mask, x0, noise):
+        self.model, self.mask, self.x0, self.noise = model, mask, x0, noise  # (B, 1, h, w), (B, 4, h, w) x2
+
+    def __call__(self, x, sigma, **kw):
+        s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1)
+        x = x * self.mask + (self.x0 + self.noise * s) * (1 - self.mask)
+        return self.model(x, sigma, **kw) * self.mask + self.x0 * (1 - self.mask)
+
+
+def _named(kw: dict) -> dict:
+    allowed = {"guidance_scale", "steps", "negative_prompt", "seed", "sampler", "schedule", "timestep_spacing",
+               "height", "width", "num_images", "output", "guidance_rescale", "clip_skip", "callback", "progress"}
+    unknown = set(kw) - allowed
+    if unknown:
+        raise TypeError(f"unexpected argument(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+    return kw
+
+
+def _image_tensor(image, name: str, gray: bool = False) -> torch.Tensor:
+    """PIL image or tensor -> float (B, C, H, W); RGB in [-1, 1], or a gray mask in [0, 1]."""
+    if isinstance(image, Image.Image):
+        arr = np.asarray(image.convert("L" if gray else "RGB"), dtype=np.float32) / 255.0
+        t = torch.from_numpy(arr)
+        t = t[None, None] if gray else t.permute(2, 0, 1)[None]
+        return t if gray else t * 2 - 1
+    if isinstance(image, torch.Tensor):
+        t = image.float()
+        t = t[None] if t.ndim == 3 else t[None, None] if t.ndim == 2 else t
+        if t.ndim != 4 or t.shape[1] != (1 if gray else 3):
+            raise ValueError(f"{name} tensor must be ({'1' if gray else '3'}, H, W) or (B, C, H, W), "
+                             f"got {tuple(image.shape)}")
+        return t
+    raise ValueError(f"{name} must be a PIL image or a torch tensor, got {type(image).__name__}")
+
+
+def _resize(t: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    return t if t.shape[-2:] == (h, w) else F.interpolate(t, size=(h, w), mode="bilinear", antialias=True)
 
 
 def save_png(image: Image.Image, path: str | Path) -> None:

@@ -57,3 +57,78 @@ def test_bad_arguments_name_the_argument(kw, name):
     pipe = tiny_pipe("tiny-sd15")
     with pytest.raises(ValueError, match=name):
         pipe("x", **kw)
+
+
+def _test_image(seed=0, size=64):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, (size // 8, size // 8, 3), dtype=np.uint8)
+    return Image.fromarray(base).resize((size, size), Image.BILINEAR)
+
+
+def _mask(size=64):
+    from PIL import Image
+
+    m = Image.new("L", (size, size), 0)
+    m.paste(255, (0, 0, size // 2, size))  # repaint the left half
+    return m
+
+
+@pytest.mark.parametrize("sampler, cls", [("euler", "EulerDiscreteScheduler"), ("ddim", "DDIMScheduler")])
+def test_img2img_matches_diffusers(sampler, cls, tmp_path):
+    import diffusers
+
+    pipe = tiny_pipe("tiny-sd15")
+    pipe.save(tmp_path / "d", format="diffusers")
+    dpipe = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(tmp_path / "d", local_files_only=True)
+    dpipe.scheduler = getattr(diffusers, cls).from_config(dpipe.scheduler.config)
+    dpipe.set_progress_bar_config(disable=True)
+    img = _test_image()
+    ours = pipe.img2img(PROMPT, img, strength=0.6, negative_prompt=NEG, steps=10, seed=0, sampler=sampler,
+                        output="latent", progress=False)
+    theirs = dpipe(PROMPT, image=img, strength=0.6, negative_prompt=NEG, num_inference_steps=10, guidance_scale=7.5,
+                   generator=torch.Generator("cpu").manual_seed(0), output_type="latent").images
+    assert rel_err(ours, theirs) < 1e-3, rel_err(ours, theirs)
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.7])
+def test_inpaint_9_channel_matches_diffusers(strength, tmp_path):
+    import diffusers
+
+    pipe = tiny_pipe("tiny-sd15-inpaint")
+    assert pipe.unet.input_blocks[0][0].weight.shape[1] == 9
+    pipe.save(tmp_path / "d", format="diffusers")
+    dpipe = diffusers.StableDiffusionInpaintPipeline.from_pretrained(tmp_path / "d", local_files_only=True)
+    dpipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(dpipe.scheduler.config)
+    dpipe.set_progress_bar_config(disable=True)
+    img, mask = _test_image(1), _mask()
+    ours = pipe.inpaint(PROMPT, img, mask, strength=strength, negative_prompt=NEG, steps=10, seed=0,
+                        output="latent", progress=False)
+    theirs = dpipe(PROMPT, image=img, mask_image=mask, strength=strength, negative_prompt=NEG, num_inference_steps=10,
+                   guidance_scale=7.5, height=64, width=64, generator=torch.Generator("cpu").manual_seed(0),
+                   output_type="latent").images
+    assert rel_err(ours, theirs) < 1e-3, rel_err(ours, theirs)
+
+
+def test_inpaint_regular_checkpoint_keeps_the_known_region():
+    pipe = tiny_pipe("tiny-sd15")
+    img, mask = _test_image(2), _mask()
+    out = pipe.inpaint(PROMPT, img, mask, steps=6, seed=0, output="latent", progress=False)
+    gen = torch.Generator("cpu").manual_seed(0)
+    x0 = pipe._encode_image(torch.from_numpy(__import__("numpy").asarray(img)).permute(2, 0, 1)[None] / 127.5 - 1, gen)
+    keep = (slice(None), slice(None), slice(None), slice(4, 8))  # right half of the 8x8 latent is kept
+    assert torch.allclose(out[keep], x0[keep], atol=1e-5)
+    assert not torch.allclose(out[..., :4], x0[..., :4], atol=1e-2)
+
+
+def test_image_argument_errors():
+    pipe = tiny_pipe("tiny-sd15")
+    img = _test_image()
+    with pytest.raises(ValueError, match="strength"):
+        pipe.img2img("x", img, strength=1.5)
+    with pytest.raises(ValueError, match="mask size"):
+        pipe.inpaint("x", img, _mask(32))
+    with pytest.raises(ValueError, match="image"):
+        pipe.img2img("x", "not an image")

@@ -33,6 +33,25 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
+# --- attention in query chunks (memory) -------------------------------------------------------------------
+
+# Largest attention matrix (B * heads * N_q * N_k scores) computed at once. PyTorch's flash / memory-efficient
+# kernels never materialise it, but its math fallback (some GPU dtypes and head widths, MPS) does: a 1024 px
+# VAE decode would need 16384^2 scores = 1 GiB in fp32 per image.
+ATTENTION_BUDGET_BYTES = 1 << 30
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              budget: int = ATTENTION_BUDGET_BYTES) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v for q (B, H, N_q, d), k and v (B, H, N_k, d), in chunks of queries when the
+    full score matrix would exceed `budget` bytes. Rows are independent, so chunks give the same result."""
+    b, h, n, _ = q.shape
+    rows = max(1, budget // (b * h * k.shape[2] * q.element_size()))
+    if rows >= n:
+        return F.scaled_dot_product_attention(q, k, v)
+    return torch.cat([F.scaled_dot_product_attention(qc, k, v) for qc in q.split(rows, dim=2)], dim=2)
+
+
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-Conv, add the projected timestep embedding, GroupNorm-SiLU-Conv, plus a skip path."""
 
@@ -74,7 +93,7 @@ class Attention(nn.Module):
         context = x if context is None else context
         q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads)
                    for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, dim_head)
+        out = attention(q, k, v)  # (B, heads, N, dim_head)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 

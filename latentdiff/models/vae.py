@@ -19,6 +19,7 @@ from einops import rearrange
 from torch import nn
 
 from latentdiff.config import VAEConfig
+from latentdiff.models.layers import attention
 
 
 def _norm(cfg: VAEConfig, channels: int) -> nn.GroupNorm:
@@ -60,7 +61,7 @@ class AttnBlock(nn.Module):
         n = self.norm(x)
         # (B, C, H, W) -> (B, 1, H*W, C): one head of width C, scale 1/sqrt(C)
         q, k, v = (rearrange(f(n), "b c h w -> b 1 (h w) c") for f in (self.q, self.k, self.v))
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v)  # in query chunks when the (HW)^2 scores would not fit
         out = rearrange(out, "b 1 (h w) c -> b c h w", h=h, w=w)
         return x + self.proj_out(out)
 
@@ -221,7 +222,55 @@ class AutoencoderKL(nn.Module):
         """z: unscaled latents (B, z_channels, H/f, W/f) -> image (B, 3, H, W), roughly in [-1, 1]."""
         return self.decoder(self.post_quant_conv(z))
 
+    def tiled_decode(self, z: torch.Tensor, tile: int = 64, overlap: int = 16) -> torch.Tensor:
+        """`decode` in overlapping tiles of `tile` x `tile` latents, for images too large to decode at once.
+
+        Peak memory is that of one tile's decode. Where tiles overlap (`overlap` latents, at least) their
+        images are blended with linear ramps, so no seam shows. Not bit-equal to `decode`: convolutions at a
+        tile's edge see zero padding instead of the neighbour, and the mid-block attention sees one tile;
+        the overlap hides both (see tests/test_speed.py for the measured difference)."""
+        _, _, h, w = z.shape
+        if h <= tile and w <= tile:
+            return self.decode(z)
+        if not 0 < overlap < tile:
+            raise ValueError(f"overlap must be in (0, tile={tile}), got {overlap}")
+        f = self.cfg.downsample
+        out = torch.zeros(z.shape[0], self.cfg.out_channels, h * f, w * f, device=z.device)  # fp32 sums
+        weight = torch.zeros(1, 1, h * f, w * f, device=z.device)
+        for y0 in _tile_starts(h, tile, overlap):
+            for x0 in _tile_starts(w, tile, overlap):
+                th, tw = min(tile, h), min(tile, w)
+                img = self.decode(z[:, :, y0:y0 + th, x0:x0 + tw]).float()  # (B, 3, th*f, tw*f)
+                ramp = (_ramp(th * f, overlap * f, y0 > 0, y0 + th < h, z.device)[:, None]
+                        * _ramp(tw * f, overlap * f, x0 > 0, x0 + tw < w, z.device)[None, :])
+                out[:, :, y0 * f:(y0 + th) * f, x0 * f:(x0 + tw) * f] += img * ramp
+                weight[:, :, y0 * f:(y0 + th) * f, x0 * f:(x0 + tw) * f] += ramp
+        return (out / weight).to(z.dtype)
+
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None):
         """Training pass: (reconstruction (B, 3, H, W), posterior)."""
         posterior = self.encode(x)
         return self.decode(posterior.sample(generator)), posterior
+
+
+# --- tiled decode helpers ----------------------------------------------------------------------------------
+
+
+def _tile_starts(n: int, tile: int, overlap: int) -> list[int]:
+    """Tile offsets along an axis of n latents: a stride of tile - overlap, the last tile flush with the end."""
+    if n <= tile:
+        return [0]
+    starts = list(range(0, n - tile, tile - overlap))
+    return starts + [n - tile]
+
+
+def _ramp(n: int, width: int, up: bool, down: bool, device) -> torch.Tensor:
+    """(n,) blend weights: 1 inside, rising over the first `width` pixels when a tile precedes this one,
+    falling over the last `width` when one follows. Never 0, so every pixel has weight."""
+    r = torch.ones(n, device=device)
+    edge = (torch.arange(width, device=device) + 0.5) / width
+    if up:
+        r[:width] = edge
+    if down:
+        r[n - width:] = torch.minimum(r[n - width:], edge.flip(0))
+    return r

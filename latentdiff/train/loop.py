@@ -302,8 +302,9 @@ def train(tc: TrainConfig) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(tc.to_dict(), indent=1))
     losses, interval_loss, interval_steps, t0, samples = [], 0.0, 0, time.perf_counter(), 0
-    bar = tqdm(total=tc.steps, initial=step, disable=not main, desc=tc.run_name, dynamic_ncols=True)
-    while step < tc.steps and step != tc.stop_at_step:
+    bar = tqdm(total=min(tc.steps, tc.stop_at_step or tc.steps), initial=step, disable=not main, desc=tc.run_name, dynamic_ncols=True)
+    stop = min(tc.steps, tc.stop_at_step or tc.steps)
+    while step < stop:
         plan = data.epoch_batches(bucket_of, tc.batch_size, tc.seed, epoch, acc.process_index, acc.num_processes)
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=plan[position:], collate_fn=data.collate,
                                              num_workers=tc.num_workers)
@@ -358,9 +359,9 @@ def train(tc: TrainConfig) -> dict:
                 interval_loss, interval_steps, t0, samples = 0.0, 0, time.perf_counter(), 0
             if tc.validate_every and step % tc.validate_every == 0 and main:
                 validate()
-            if (tc.save_every and step % tc.save_every == 0) or step in (tc.steps, tc.stop_at_step):
+            if (tc.save_every and step % tc.save_every == 0) or step == stop:
                 save_checkpoint()
-            if step >= tc.steps or step == tc.stop_at_step:
+            if step >= stop:
                 break
         else:
             epoch, position = epoch + 1, 0
