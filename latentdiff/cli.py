@@ -8,10 +8,12 @@ import sys
 import torch
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEFAULTS = {"seed": 0, "schedule": "normal", "num_images": 1, "guidance_rescale": 0.0}
 
 
 def _generate(a) -> None:
     import latentdiff
+    from latentdiff.params import read_png_parameters
     from latentdiff.pipeline import image_grid, save_png
 
     if a.random_preset:
@@ -21,9 +23,25 @@ def _generate(a) -> None:
     else:
         pipe = latentdiff.load(a.model, device=a.device, dtype=DTYPES[a.dtype] if a.dtype else None,
                                prediction_type=a.prediction_type, config=a.config)
-    images = pipe(a.prompt, guidance_scale=a.cfg, steps=a.steps, negative_prompt=a.negative, seed=a.seed,
-                  sampler=a.sampler, schedule=a.schedule, timestep_spacing=a.spacing, height=a.height,
-                  width=a.width, num_images=a.num_images, clip_skip=a.clip_skip, progress=not a.quiet)
+    kw = dict(prompt=a.prompt, guidance_scale=a.cfg, steps=a.steps, negative_prompt=a.negative, seed=a.seed,
+              sampler=a.sampler, schedule=a.schedule, timestep_spacing=a.spacing, height=a.height, width=a.width,
+              num_images=a.num_images, clip_skip=a.clip_skip, guidance_rescale=a.guidance_rescale)
+    if a.from_png:  # the PNG's parameters fill every option not given on the command line
+        given = {k: v for k, v in kw.items() if v is not None and v != DEFAULTS.get(k)}
+        kw = {**kw, **read_png_parameters(a.from_png), **given}
+    if not kw["prompt"]:
+        raise ValueError("a prompt is required (or --from-png)")
+    if a.init_image:
+        from PIL import Image
+
+        image = Image.open(a.init_image)
+        if a.mask:
+            images = pipe.inpaint(image=image, mask=Image.open(a.mask), strength=a.strength or 1.0,
+                                  progress=not a.quiet, **kw)
+        else:
+            images = pipe.img2img(image=image, strength=a.strength or 0.75, progress=not a.quiet, **kw)
+    else:
+        images = pipe(progress=not a.quiet, **kw)
     if len(images) == 1:
         save_png(images[0], a.output)
     else:
@@ -46,7 +64,12 @@ def main(argv: list[str] | None = None) -> None:
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="text to image")
-    g.add_argument("prompt")
+    g.add_argument("prompt", nargs="?", default=None)
+    g.add_argument("--from-png", default=None, help="re-create an image from its PNG 'parameters' chunk")
+    g.add_argument("--init-image", default=None, help="img2img / inpaint source image")
+    g.add_argument("--mask", default=None, help="inpainting mask (white = repaint)")
+    g.add_argument("--strength", type=float, default=None, help="img2img 0.75, inpaint 1.0 by default")
+    g.add_argument("--guidance-rescale", type=float, default=0.0)
     g.add_argument("-o", "--output", default="out.png")
     g.add_argument("-m", "--model", default=None, help="single file, diffusers folder or shipped model name")
     g.add_argument("--random-preset", default=None, help="use a preset with random weights (pipeline smoke test)")

@@ -182,12 +182,15 @@ def _load_strict(mod: nn.Module, sd: dict, path, dtype, device) -> None:
 
 
 def _scheduler_config(cfg: ModelConfig) -> dict:
-    return {"_class_name": "EulerDiscreteScheduler", "_diffusers_version": DIFFUSERS_VERSION,
-            "beta_start": cfg.beta_start, "beta_end": cfg.beta_end, "beta_schedule": "scaled_linear",
-            "num_train_timesteps": cfg.num_train_timesteps, "prediction_type": cfg.prediction_type,
-            "steps_offset": 1, "timestep_spacing": cfg.timestep_spacing or "linspace",
-            "interpolation_type": "linear", "use_karras_sigmas": False, "clip_sample": False,
-            "set_alpha_to_one": False, "skip_prk_steps": True}
+    # like the released configs: no timestep_spacing unless the model fixes one (SDXL: leading), so each
+    # diffusers scheduler class keeps its own default
+    out = {"_class_name": "EulerDiscreteScheduler", "_diffusers_version": DIFFUSERS_VERSION,
+           "beta_start": cfg.beta_start, "beta_end": cfg.beta_end, "beta_schedule": "scaled_linear",
+           "num_train_timesteps": cfg.num_train_timesteps, "prediction_type": cfg.prediction_type,
+           "steps_offset": 1, "clip_sample": False, "set_alpha_to_one": False, "skip_prk_steps": True}
+    if cfg.timestep_spacing:
+        out["timestep_spacing"] = cfg.timestep_spacing
+    return out
 
 
 def _write_tokenizer(d: Path, pad_token: str) -> None:

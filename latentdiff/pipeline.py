@@ -21,6 +21,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .models.text import Tokenizer
+from .params import format_parameters
 from .models.unet import sdxl_vector
 from .prompt import encode_prompts
 from .sampling import samplers, schedules
@@ -207,18 +208,10 @@ class Pipeline:
         images = [Image.fromarray(a) for a in arr]
         if params is not None:
             for im in images:
-                im.info["parameters"] = self._parameters_text(params)
+                im.info["parameters"] = format_parameters(params, self.source or self.cfg.name)
         return images
 
     # --- helpers ------------------------------------------------------------------------------------------
-
-    def _parameters_text(self, p: dict) -> str:
-        """A1111's `parameters` PNG text chunk, so an image can be re-created."""
-        prompt = p["prompt"] if isinstance(p["prompt"], str) else " | ".join(p["prompt"])
-        line = (f"Steps: {p['steps']}, Sampler: {p['sampler']}, Schedule type: {p['schedule']}, "
-                f"CFG scale: {p['guidance_scale']}, Seed: {p['seed']}, Size: {p['width']}x{p['height']}, "
-                f"Model: {self.source or self.cfg.name}")
-        return f"{prompt}\nNegative prompt: {p['negative_prompt']}\n{line}"
 
     @staticmethod
     def _seed(seed):

@@ -41,12 +41,11 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 ATTENTION_BUDGET_BYTES = 1 << 30
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              budget: int = ATTENTION_BUDGET_BYTES) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v for q (B, H, N_q, d), k and v (B, H, N_k, d), in chunks of queries when the
-    full score matrix would exceed `budget` bytes. Rows are independent, so chunks give the same result."""
+    full score matrix would exceed ATTENTION_BUDGET_BYTES. Rows are independent: chunks give the same result."""
     b, h, n, _ = q.shape
-    rows = max(1, budget // (b * h * k.shape[2] * q.element_size()))
+    rows = max(1, ATTENTION_BUDGET_BYTES // (b * h * k.shape[2] * q.element_size()))
     if rows >= n:
         return F.scaled_dot_product_attention(q, k, v)
     return torch.cat([F.scaled_dot_product_attention(qc, k, v) for qc in q.split(rows, dim=2)], dim=2)

@@ -265,10 +265,11 @@ def _tile_starts(n: int, tile: int, overlap: int) -> list[int]:
 
 
 def _ramp(n: int, width: int, up: bool, down: bool, device) -> torch.Tensor:
-    """(n,) blend weights: 1 inside, rising over the first `width` pixels when a tile precedes this one,
-    falling over the last `width` when one follows. Never 0, so every pixel has weight."""
+    """(n,) blend weights of one tile along an axis: 1 inside; where a neighbour overlaps by `width` pixels,
+    ~0 over the outer quarter (pixels that saw the zero padding at the tile's edge) and a linear ramp over the
+    middle half. Never exactly 0, so every pixel keeps some weight."""
     r = torch.ones(n, device=device)
-    edge = (torch.arange(width, device=device) + 0.5) / width
+    edge = ((torch.arange(width, device=device) + 0.5 - width / 4) / (width / 2)).clamp(1e-4, 1.0)
     if up:
         r[:width] = edge
     if down:

@@ -110,7 +110,8 @@ def sample_dpm2(model, x, sigmas, extra_args=None, callback=None, generator=None
 @torch.no_grad()
 def sample_dpm2_a(model, x, sigmas, extra_args=None, callback=None, generator=None, disable=None):
     """Ancestral DPM-Solver-2 (k-diffusion). = KDPM2AncestralDiscrete: noise after each 2nd-order step, none on
-    the final Euler step to 0."""
+    the final Euler step to 0. Its midpoint is the next grid sigma (up to rounding), so the Denoiser gives it that
+    grid timestep; diffusers' karras variant feeds the unrounded one there (< 0.5 timestep apart)."""
     extra_args, s_in = _setup(x, extra_args)
     for i in trange(len(sigmas) - 1, disable=disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
@@ -337,7 +338,8 @@ def sample_ddpm(model, x, sigmas, extra_args=None, callback=None, generator=None
 def sample_pndm(model, x, sigmas, extra_args=None, callback=None, generator=None, disable=None):
     """PLMS, the pseudo linear multistep method of PNDM (Liu et al. 2022) with skip_prk_steps: a Heun step on eps
     first, then Adams-Bashforth of order 2, 3, 4 on eps (the VE derivative) with DDIM's transfer, which is an Euler
-    step in VE. = PNDMScheduler(skip_prk_steps=True); ends at sigma_min like DDIM."""
+    step in VE. = PNDMScheduler(skip_prk_steps=True); ends at sigma_min like DDIM. For v models diffusers
+    extrapolates the raw v outputs instead of eps, a different multistep method; we keep eps for both."""
     extra_args, s_in = _setup(x, extra_args)
     ds = []
     ab = {1: [1], 2: [3 / 2, -1 / 2], 3: [23 / 12, -16 / 12, 5 / 12], 4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}

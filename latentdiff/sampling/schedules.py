@@ -76,10 +76,11 @@ class Schedule:
 
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
         """U-Net timestep for sigma (any shape): the schedule's own timestep where sigma is one of its grid
-        sigmas, else diffusers' log-sigma interpolation (used for Heun/DPM2/SDE midpoints)."""
+        sigmas, else diffusers' log-sigma interpolation (used for Heun/DPM2/SDE midpoints). "One of" allows a few
+        float32 ulps: DPM2 ancestral's midpoint is the next grid sigma up to rounding, and should get one t."""
         sigma = torch.as_tensor(sigma)
         grid = self.sigmas[:-1].to(sigma.device)
-        hit = sigma.unsqueeze(-1) == grid  # (..., N)
+        hit = torch.isclose(sigma.unsqueeze(-1).to(grid.dtype), grid, rtol=1e-6, atol=0)  # (..., N)
         t_grid = self.timesteps.to(sigma.device)[hit.int().argmax(-1)]
         return torch.where(hit.any(-1), t_grid, sigma_to_t(sigma, self.log_sigmas))
 
@@ -153,6 +154,9 @@ def get_sigmas(name: str, steps: int, schedule: str = "normal", spacing: str | N
         sigmas = np.append(sigmas, 0.0).astype(np.float32)
         init = (float(sigmas[0]) ** 2 + 1) ** 0.5
     else:  # vp
+        # DDIM / PNDM step from t to t - T//N. With leading spacing (their default) and with trailing when N
+        # divides T that is the next grid timestep; otherwise diffusers lands a few timesteps off the next grid
+        # point and restarts from there as if it were on it. We step grid point to grid point instead.
         if schedule == "normal":
             t = _spacing_int(spacing, N, T, steps_offset)
             sigmas = train_sigmas[t]

@@ -102,6 +102,8 @@ def from_dict(d: dict) -> TrainConfig:
     if unknown:
         raise ValueError(f"unknown training option(s) {sorted(unknown)}; allowed: {sorted(FIELDS)}")
     d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    if d.get("mixed_precision") is False:  # YAML 1.1 reads a bare `no` as false
+        d["mixed_precision"] = "no"
     for k, v in d.items():
         # YAML reads "1e-4" as a string (it wants "1.0e-4"); float options take it anyway
         if "float" in str(FIELDS[k].type) and isinstance(v, (int, str)) and not isinstance(v, bool):

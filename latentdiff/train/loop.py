@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from torch import nn
 from tqdm.auto import tqdm
 
 from latentdiff import weights

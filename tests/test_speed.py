@@ -1,0 +1,192 @@
+"""The fast path keeps quality (issue #7): bf16 U-Net vs fp32, tiled VAE decode vs untiled, chunked attention
+vs full, the default-dtype rule, and dtype=float32 as the exact path. Speed itself is measured in benchmarks/."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import latentdiff
+from latentdiff import speed
+from latentdiff.config import TINY_SD15
+from latentdiff.models import layers
+from latentdiff.models.unet import UNetModel
+from latentdiff.models.vae import AutoencoderKL
+
+
+def _randomise(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Weights ~ N(0, 1/fan_in), norms (1, 0): no zero-initialised output convs, activations of unit scale,
+    like a trained model's, so a bf16 error shows at its real size."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, (nn.GroupNorm, nn.LayerNorm)):
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+            elif isinstance(m, (nn.Linear, nn.Conv2d)):
+                m.weight.normal_(0.0, m.weight[0].numel() ** -0.5, generator=g)
+                if m.bias is not None:
+                    m.bias.normal_(0.0, 0.02, generator=g)
+    return module.eval()
+
+
+def _unet_inputs(cfg, batch=2, size=16):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, cfg.in_channels, size, size, generator=g)
+    t = torch.tensor([999.0, 281.5])[:batch]
+    context = torch.randn(batch, 77, cfg.context_dim, generator=g)
+    return x, t, context
+
+
+def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _psnr(a: torch.Tensor, ref: torch.Tensor) -> float:
+    mse = ((a - ref) ** 2).mean()
+    return (10 * torch.log10((ref.max() - ref.min()) ** 2 / mse)).item()
+
+
+# --- bf16 fast path vs fp32 -----------------------------------------------------------------------------------
+
+
+def test_bf16_fast_path_unet_call_within_1e_2_of_fp32():
+    torch.manual_seed(0)
+    unet = _randomise(UNetModel(TINY_SD15.unet))
+    x, t, context = _unet_inputs(TINY_SD15.unet)
+    with torch.inference_mode():
+        ref = unet(x, t, context)
+        fast = speed.channels_last(copy.deepcopy(unet).to(torch.bfloat16))
+        out = fast(x.bfloat16(), t, context.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert ref.abs().mean() > 0.1  # a real signal, not the zero-initialised output conv
+    err = _rel_l2(out, ref)
+    assert 1e-4 < err <= 1e-2, err  # > 1e-4: bf16 really ran
+
+
+def test_optimize_keeps_values_and_is_idempotent():
+    torch.manual_seed(0)
+    pipe = latentdiff.from_config("tiny-sd15")
+    _randomise(pipe.unet)
+    x, t, context = _unet_inputs(TINY_SD15.unet)
+    with torch.inference_mode():
+        ref = pipe.unet(x, t, context)
+        speed.optimize(speed.optimize(pipe))
+        out = pipe.unet(x, t, context)
+    conv = pipe.unet.input_blocks[0][0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert pipe.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert (out - ref).abs().max().item() <= 1e-5
+
+
+# --- tiled VAE decode -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vae():
+    torch.manual_seed(0)
+    return AutoencoderKL(TINY_SD15.vae).eval()
+
+
+def test_tiled_decode_matches_untiled(vae):
+    z = torch.randn(1, 4, 32, 40, generator=torch.Generator().manual_seed(2))  # 3 x 3 tiles of 24 latents
+    with torch.inference_mode():
+        full = vae.decode(z)
+        tiled = vae.tiled_decode(z, tile=24, overlap=8)
+    assert tiled.shape == full.shape == (1, 3, 256, 320)
+    # not bit-equal: each tile's GroupNorm statistics and mid-block attention see only that tile
+    psnr = _psnr(tiled, full)
+    assert psnr >= 35.0, psnr  # measured 39.5 dB
+    # no seam: the error next to the tile borders is no larger than elsewhere
+    err = (tiled - full).abs().mean(dim=(0, 1))  # (256, 320)
+    borders = [8 * c for c in (16, 24)]  # latent 16..24 overlap between the first two column tiles
+    near = err[:, borders[0]:borders[1]].mean()
+    assert near <= 2 * err.mean(), (near.item(), err.mean().item())
+
+
+def test_tiled_decode_of_one_tile_is_decode(vae):
+    z = torch.randn(2, 4, 16, 12, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        assert torch.equal(vae.tiled_decode(z, tile=16, overlap=4), vae.decode(z))
+
+
+def test_tiled_decode_rejects_bad_overlap(vae):
+    with pytest.raises(ValueError, match="overlap"):
+        vae.tiled_decode(torch.zeros(1, 4, 32, 32), tile=16, overlap=16)
+
+
+# --- chunked attention ----------------------------------------------------------------------------------------
+
+
+def test_chunked_attention_equals_full(monkeypatch):
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 3, n, 16, generator=g) for n in (100, 77, 77))
+    full = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    # budget of 7 query rows: 100 = 14 chunks of 7 + one of 2
+    monkeypatch.setattr(layers, "ATTENTION_BUDGET_BYTES", 2 * 3 * 77 * 4 * 7)
+    chunked = layers.attention(q, k, v)
+    assert (chunked - full).abs().max().item() <= 1e-6
+
+
+def test_vae_decode_with_chunked_attention_equals_full(vae, monkeypatch):
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        full = vae.decode(z)
+        monkeypatch.setattr(layers, "ATTENTION_BUDGET_BYTES", 64 * 4 * 5)  # 5 of the 64 query rows at a time
+        chunked = vae.decode(z)
+    assert (chunked - full).abs().max().item() <= 1e-5
+
+
+# --- default dtype --------------------------------------------------------------------------------------------
+
+
+def test_native_bf16_flags():
+    assert speed.cpu_has_native_bf16(frozenset({"avx512f", "avx512_bf16"}))
+    assert speed.cpu_has_native_bf16(frozenset({"amx_bf16", "amx_tile"}))
+    assert not speed.cpu_has_native_bf16(frozenset({"avx2", "avx512f", "avx512bw"}))  # emulated bf16: slower
+    assert not speed.cpu_has_native_bf16(frozenset())
+
+
+@pytest.mark.parametrize("flags, expected", [({"avx512_bf16"}, torch.bfloat16), ({"avx2"}, torch.float32)])
+def test_default_dtype_cpu(monkeypatch, flags, expected):
+    monkeypatch.setattr(speed, "_cpu_flags", lambda: frozenset(flags))
+    assert speed.default_dtype("cpu") == expected
+    assert speed.default_dtype(torch.device("cpu")) == expected
+
+
+@pytest.mark.parametrize("bf16, expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_default_dtype_cuda(monkeypatch, bf16, expected):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert speed.default_dtype("cuda") == expected
+
+
+def test_default_dtype_other_devices_is_fp32():
+    assert speed.default_dtype("meta") == torch.float32
+
+
+# --- the exact path -------------------------------------------------------------------------------------------
+
+
+def test_load_float32_is_the_exact_path(tmp_path):
+    torch.manual_seed(0)
+    src = latentdiff.from_config("tiny-sd15")
+    src.save(tmp_path / "m.safetensors")
+    exact = latentdiff.load(tmp_path / "m.safetensors", dtype=torch.float32)
+    assert exact.dtype == torch.float32
+    for m in (exact.unet, exact.vae):
+        for p in m.parameters():
+            assert p.dtype == torch.float32 and p.is_contiguous()  # plain NCHW: no layout change either
+    x, t, context = _unet_inputs(TINY_SD15.unet)
+    with torch.inference_mode():
+        assert torch.equal(exact.unet(x, t, context), src.unet(x, t, context))
+
+
+def test_load_default_picks_the_fast_path(tmp_path):
+    torch.manual_seed(0)
+    latentdiff.from_config("tiny-sd15").save(tmp_path / "m.safetensors")
+    pipe = latentdiff.load(tmp_path / "m.safetensors")
+    assert pipe.dtype == speed.default_dtype("cpu")
+    assert next(pipe.unet.parameters()).dtype == pipe.dtype
+    assert pipe.unet.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
