@@ -86,8 +86,6 @@ def worker(a) -> dict:
 
         dtype = speed.default_dtype("cpu") if a.dtype == "auto" else dtypes[a.dtype]
         pipe = latentdiff.load(a.checkpoint, dtype=dtype)
-        if a.dtype == "auto":
-            speed.optimize(pipe)
 
         def generate():
             return pipe(PROMPT, guidance_scale=a.guidance, steps=a.steps, sampler=a.sampler, height=a.size,
@@ -140,7 +138,7 @@ def main(argv=None) -> None:
     p.add_argument("--sampler", default="euler_a", choices=sorted(SCHEDULERS))
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--ours-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto = latentdiff's defaults (speed.default_dtype + speed.optimize)")
+                   help="auto = latentdiff's default (speed.default_dtype)")
     p.add_argument("--diffusers-dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--repeats", type=int, default=2, help="A B pairs")
     p.add_argument("--warmup", type=int, default=1, choices=[0, 1], help="one untimed image per process first")

@@ -21,6 +21,8 @@ import math
 import re
 from dataclasses import dataclass
 
+import os
+
 import numpy as np
 import torch
 
@@ -230,9 +232,24 @@ def scene_at(seed: int, index: int, split: str = "train") -> tuple[np.ndarray, s
     return render_scene(np.random.default_rng([seed, index]), held_out=split == "held_out")
 
 
+def _scene_range(args: tuple[int, int, int, str]) -> list[tuple[np.ndarray, str]]:
+    seed, start, stop, split = args
+    return [scene_at(seed, i, split) for i in range(start, stop)]
+
+
 def sample_batch(n: int, seed: int, split: str = "train") -> tuple[np.ndarray, list[str]]:
-    """The first n scenes of the stream: images uint8 (n, 64, 64, 3) and captions."""
-    scenes = [scene_at(seed, i, split) for i in range(n)]
+    """The first n scenes of the stream: images uint8 (n, 64, 64, 3) and captions. Large n renders on every
+    core (each scene is seeded by its index, so the result does not depend on the number of processes)."""
+    procs = min(os.cpu_count() or 1, n // 2000)
+    if procs > 1:
+        import multiprocessing
+
+        bounds = np.linspace(0, n, procs * 4 + 1).astype(int)
+        with multiprocessing.get_context("fork").Pool(procs) as pool:
+            parts = pool.map(_scene_range, [(seed, a, b, split) for a, b in zip(bounds[:-1], bounds[1:])])
+        scenes = [s for part in parts for s in part]
+    else:
+        scenes = _scene_range((seed, 0, n, split))
     return np.stack([im for im, _ in scenes]), [c for _, c in scenes]
 
 

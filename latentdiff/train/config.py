@@ -56,6 +56,9 @@ class TrainConfig:
     # --- optimisation ---
     steps: int = 40  # optimizer steps (the LR schedule spans these)
     stop_at_step: int = 0  # stop early at this step with a checkpoint, e.g. to fit a job time limit; 0 = steps
+    # > 0: end the run (checkpoint + export) after this many minutes of training; the cosine LR then follows the
+    # spent fraction of the budget whenever it is ahead of the step fraction. Not bitwise reproducible.
+    time_budget_min: float = 0.0
     batch_size: int = 4  # per process and micro-batch
     grad_accum: int = 1
     lr: float = 1e-4

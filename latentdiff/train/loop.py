@@ -10,11 +10,12 @@ import json
 import logging
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast, gather_object
 from tqdm.auto import tqdm
 
 from latentdiff import weights
@@ -33,11 +34,12 @@ from .objective import PatchDiscriminator, VAEForward, draw, hinge_d_loss, unet_
 log = logging.getLogger("latentdiff.train")
 
 
-def lr_at(tc: TrainConfig, step: int) -> float:
-    """Linear warmup to 1, then cosine to min_lr_ratio at the last step (a factor on each group's base lr)."""
+def lr_at(tc: TrainConfig, step: int, time_frac: float = 0.0) -> float:
+    """Linear warmup to 1, then cosine to min_lr_ratio at the last step (a factor on each group's base lr);
+    with a time budget, at the end of the budget if that comes first (time_frac = spent / budget)."""
     if step < tc.warmup_steps:
         return (step + 1) / tc.warmup_steps
-    progress = (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps)
+    progress = max((step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps), time_frac)
     return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
@@ -295,6 +297,18 @@ def train(tc: TrainConfig) -> dict:
             m.requires_grad_(True).train()
         log.info("validation grid: %s", out)
 
+    @torch.no_grad()
+    def latent_scale(n: int = 2048) -> float:
+        """1 / std of posterior samples of up to n training images: the rule behind SD's 0.18215, so the
+        U-Net sees unit-variance latents."""
+        lat = []
+        for i in range(0, min(n, len(records)), 64):
+            x = torch.stack([data.to_tensor(r.source if not isinstance(r.source, str) else data.Image.open(r.source),
+                                            buckets[0], False, False, torch.Generator())[0]
+                             for r in records[i:i + 64]])
+            lat.append(vae.encode(x.to(device)).sample(torch.Generator(device).manual_seed(i)).float().cpu())
+        return 1.0 / torch.cat(lat).std().item()
+
     # --- the loop ----------------------------------------------------------------------------------------------
     log_path = run_dir / "log.jsonl"
     if main:
@@ -303,12 +317,16 @@ def train(tc: TrainConfig) -> dict:
     losses, interval_loss, interval_steps, t0, samples = [], 0.0, 0, time.perf_counter(), 0
     bar = tqdm(total=min(tc.steps, tc.stop_at_step or tc.steps), initial=step, disable=not main, desc=tc.run_name, dynamic_ncols=True)
     stop = min(tc.steps, tc.stop_at_step or tc.steps)
+    t_start, time_frac, out_of_time = time.perf_counter(), 0.0, False
     while step < stop:
         plan = data.epoch_batches(bucket_of, tc.batch_size, tc.seed, epoch, acc.process_index, acc.num_processes)
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=plan[position:], collate_fn=data.collate,
                                              num_workers=tc.num_workers)
         for batch in loader:
-            factor = lr_at(tc, step)
+            if tc.time_budget_min:  # rank 0's clock, so every rank uses the same LR and stops at the same step
+                spent = torch.tensor([(time.perf_counter() - t_start) / (60 * tc.time_budget_min)], device=device)
+                time_frac = broadcast(spent).item()
+            factor = lr_at(tc, step, time_frac)
             for g in optimizer.param_groups:
                 g["lr"] = g["base_lr"] * factor
             if disc_opt is not None:
@@ -358,6 +376,9 @@ def train(tc: TrainConfig) -> dict:
                 interval_loss, interval_steps, t0, samples = 0.0, 0, time.perf_counter(), 0
             if tc.validate_every and step % tc.validate_every == 0 and main:
                 validate()
+            if time_frac >= 1 and acc.sync_gradients:
+                out_of_time, stop = True, step
+                log.info("time budget of %.1f min spent at step %d", tc.time_budget_min, step)
             if (tc.save_every and step % tc.save_every == 0) or step == stop:
                 save_checkpoint()
             if step >= stop:
@@ -370,7 +391,10 @@ def train(tc: TrainConfig) -> dict:
     bar.close()
 
     # --- export: the EMA weights as one single file that latentdiff.load opens --------------------------------
-    export = run_dir / "final.safetensors" if step == tc.steps else None
+    export = run_dir / "final.safetensors" if step == tc.steps or out_of_time else None
+    if main and export is not None and vae_mode:
+        cfg = replace(cfg, vae=replace(cfg.vae, scaling_factor=with_ema_weights(latent_scale)))
+        log.info("VAE scaling_factor = %.5f (1 / std of the training latents)", cfg.vae.scaling_factor)
     if main and export is not None:
         with_ema_weights(lambda: weights.save_single_file(
             export, cfg, {"unet": unet, "vae": vae, "text_encoders": encoders},

@@ -43,9 +43,10 @@ def build_model(tc: TrainConfig) -> tuple[ModelConfig, dict]:
         cfg = replace(cfg, prediction_type=tc.prediction_type)
     if tc.vae_from:
         vcfg, vmods = weights.read_single_file(tc.vae_from, dtype=torch.float32)
-        if vcfg.vae != cfg.vae:
+        if replace(vcfg.vae, scaling_factor=cfg.vae.scaling_factor) != cfg.vae:  # the scale is the model's
             raise ValueError(f"vae_from {tc.vae_from}: its VAE config {vcfg.vae} differs from the model's {cfg.vae}")
         modules["vae"] = vmods["vae"]
+        cfg = replace(cfg, vae=vcfg.vae)  # with the scaling factor measured when the VAE was trained
         for t in modules["vae"].parameters():
             t.data = t.data.clone()
     if tc.zero_terminal_snr and cfg.prediction_type != "v_prediction":
