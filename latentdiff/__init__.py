@@ -43,11 +43,14 @@ def load(path: str | os.PathLike | None = None, *, device: str | torch.device = 
     path: a `.safetensors` / `.ckpt` single file, a diffusers folder, or the name of a model in checkpoints/
     (None = the shipped default). prediction_type: "epsilon" | "v_prediction"; None = from the file's config,
     else detected (logged with the reason). config: a preset name, a YAML file or a ModelConfig that overrides
-    detection (e.g. "sd21_v", or a custom architecture). dtype: None = float32.
+    detection (e.g. "sd21_v", or a custom architecture). dtype: None = bfloat16 where the hardware runs it
+    natively (CPUs with AVX512-BF16 / AMX, CUDA GPUs with bf16), else float32; torch.float32 = the exact path.
     """
     from . import weights
 
-    dtype = dtype or torch.float32
+    from . import speed
+
+    dtype = speed.default_dtype(device) if dtype is None else dtype
     if isinstance(config, str):
         config = load_config(config)
     if path is None:

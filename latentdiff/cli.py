@@ -1,4 +1,4 @@
-"""`latentdiff generate | convert` (training: `accelerate launch train.py`)."""
+"""`latentdiff generate | convert | bench | eval | data` (training: `accelerate launch train.py`)."""
 from __future__ import annotations
 
 import argparse
@@ -99,6 +99,20 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--config", default=None)
     c.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None)
     c.set_defaults(func=_convert)
+
+    b = sub.add_parser("bench", help="speed, memory and load time against diffusers (benchmarks/)", add_help=False)
+    b.add_argument("args", nargs=argparse.REMAINDER)
+    b.set_defaults(func=lambda a: __import__("latentdiff.bench", fromlist=["main"]).main(a.args))
+
+    e = sub.add_parser("eval", help="prompt-adherence evaluation of the shapes model: eval shapes [options]",
+                       add_help=False)
+    e.add_argument("args", nargs=argparse.REMAINDER)
+    e.set_defaults(func=lambda a: __import__("latentdiff.evaluate", fromlist=["main"]).main(a.args))
+
+    d = sub.add_parser("data", help="rebuild a vendored dataset: data build emoji")
+    d.add_argument("action", choices=["build"])
+    d.add_argument("name", choices=["emoji"])
+    d.set_defaults(func=lambda a: print(f"wrote {__import__('latentdiff.data', fromlist=['build']).build(a.name)}"))
 
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
