@@ -47,6 +47,8 @@ class Pipeline:
         for m in (unet, vae, text_encoders):
             m.eval().requires_grad_(False)
         self.alphas_cumprod = schedules.alphas_cumprod(cfg.beta_start, cfg.beta_end, cfg.num_train_timesteps)
+        self.tile_decode_above = 128  # latent side above which decode() tiles (1024 px for SD)
+        self._prompt_cache: dict[tuple, tuple[Conditioning, Conditioning]] = {}  # repeated prompts: encode once
 
     # --- conditioning -------------------------------------------------------------------------------------
 
@@ -62,12 +64,18 @@ class Pipeline:
             negatives = list(negative_prompt)
             if len(negatives) != len(prompts):
                 raise ValueError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
+        key = (tuple(prompts), tuple(negatives), negative_prompt is None, clip_skip)
+        if key in self._prompt_cache:
+            return self._prompt_cache[key]
         with torch.inference_mode():
             c, cp, u, up = encode_prompts(self.tokenizer, list(self.text_encoders), prompts, negatives,
                                           clip_skip=clip_skip)
         if self.cfg.family == "sdxl" and negative_prompt is None:
             u, up = torch.zeros_like(u), torch.zeros_like(up)
-        return Conditioning(c, cp), Conditioning(u, up)
+        if len(self._prompt_cache) >= 16:
+            self._prompt_cache.pop(next(iter(self._prompt_cache)))
+        self._prompt_cache[key] = Conditioning(c, cp), Conditioning(u, up)
+        return self._prompt_cache[key]
 
     def _unet_cond(self, c: Conditioning, n: int, h: int, w: int) -> dict:
         """Conditioning dict for the denoiser, each prompt repeated n times: prompts p0 p0 p1 p1 (diffusers' order)."""
@@ -91,7 +99,7 @@ class Pipeline:
                  width: int | None = None, num_images: int = 1, output: str = "pil",
                  guidance_rescale: float = 0.0, clip_skip: int | None = None, callback=None, progress: bool = True):
         """Text to image. Returns a list of PIL images, or the final latents (B, 4, H/f, W/f), not divided by
-        the VAE scaling factor, with output="latent"."""
+        the VAE scaling factor, with output="latent". callback(step, sigma, latents) runs after every step."""
         return self._generate(prompt, None, None, 1.0, guidance_scale, steps, negative_prompt, seed, sampler,
                               schedule, timestep_spacing, height, width, num_images, output, guidance_rescale,
                               clip_skip, callback, progress)
@@ -191,18 +199,25 @@ class Pipeline:
         if blend is not None:
             model = _KeepKnown(model, *blend)
         with torch.inference_mode():
-            return samplers.sample(sampler, model, x, sched, extra, callback=callback, generator=generator,
+            step_cb = None if callback is None else lambda d: callback(d["i"], d["sigma"], d["x"])
+            return samplers.sample(sampler, model, x, sched, extra, callback=step_cb, generator=generator,
                                    disable=not progress, x0=x0)
 
     def decode(self, latents: torch.Tensor, params: dict | None = None) -> list[Image.Image]:
-        """Latents (B, 4, h, w), as the sampler returns them -> PIL images. An fp16 decode that overflows to NaN
-        is redone in fp32 with a warning."""
+        """Latents (B, 4, h, w), as the sampler returns them -> PIL images. Latents larger than
+        `tile_decode_above` on a side decode in overlapping tiles (the full decode's activations of a 2048 px
+        image take tens of GB). An fp16 decode that overflows to NaN is redone in fp32 with a warning."""
         z = latents.to(self.device) / self.cfg.vae.scaling_factor
+        tiled = max(z.shape[-2:]) > self.tile_decode_above
+
+        def run(vae, z):
+            return (vae.tiled_decode(z) if tiled else vae.decode(z)).float()
+
         with torch.inference_mode():
-            img = self.vae.decode(z.to(self.dtype)).float()
+            img = run(self.vae, z.to(self.dtype))
             if torch.isnan(img).any() and self.dtype == torch.float16:
                 log.warning("fp16 VAE decode produced NaN; decoding again in fp32")
-                img = self.vae.float().decode(z.float())
+                img = run(self.vae.float(), z.float())
                 self.vae.to(self.dtype)
         arr = ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         images = [Image.fromarray(a) for a in arr]
@@ -241,6 +256,7 @@ class Pipeline:
     def to(self, device=None, dtype=None) -> "Pipeline":
         self.device = torch.device(device) if device is not None else self.device
         self.dtype = dtype or self.dtype
+        self._prompt_cache.clear()
         for m in (self.unet, self.vae, self.text_encoders):
             m.to(self.device, self.dtype)
         return self

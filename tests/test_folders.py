@@ -21,12 +21,12 @@ def test_folder_saved_by_diffusers_loads_and_matches_single_file(preset, tmp_pat
 
     pipe = tiny_pipe(preset)
     pipe.save(tmp_path / "x.safetensors")
-    single = latentdiff.load(tmp_path / "x.safetensors")
+    single = latentdiff.load(tmp_path / "x.safetensors", dtype=torch.float32)
     # a folder written by diffusers itself (save_pretrained), from our folder loaded into diffusers
     pipe.save(tmp_path / "ours", format="diffusers")
     dpipe = diffusers.DiffusionPipeline.from_pretrained(tmp_path / "ours", local_files_only=True)
     dpipe.save_pretrained(tmp_path / "by_diffusers", safe_serialization=True)
-    folder = latentdiff.load(tmp_path / "by_diffusers")
+    folder = latentdiff.load(tmp_path / "by_diffusers", dtype=torch.float32)
     assert folder.cfg.prediction_type == pipe.cfg.prediction_type
     assert folder.cfg.unet == pipe.cfg.unet and folder.cfg.vae == pipe.cfg.vae
     a, b = _latents(single), _latents(folder)
@@ -52,7 +52,7 @@ def test_single_folder_single_round_trip_is_identical(preset, tmp_path):
 def test_sd2_folder_restores_released_layout(tmp_path):
     pipe = tiny_pipe("tiny-sd21")
     pipe.save(tmp_path / "f", format="diffusers")
-    again = latentdiff.load(tmp_path / "f")
+    again = latentdiff.load(tmp_path / "f", dtype=torch.float32)
     assert again.cfg.text == pipe.cfg.text  # the 24-block-style tower, last block zero-filled
     c1, _ = pipe.encode_prompt(PROMPT)
     c2, _ = again.encode_prompt(PROMPT)

@@ -132,3 +132,18 @@ def test_image_argument_errors():
         pipe.inpaint("x", img, _mask(32))
     with pytest.raises(ValueError, match="image"):
         pipe.img2img("x", "not an image")
+
+
+def test_long_prompt_uses_every_chunk_and_callback_sees_every_step():
+    pipe = tiny_pipe("tiny-sd15")
+    first75 = " ".join(["red"] * 75)
+    words = first75 + " " + " ".join(["blue"] * 125)  # one token per word: 200 tokens
+    assert len(pipe.tokenizer.encode(words)) == 200
+    cond, _ = pipe.encode_prompt(words)
+    assert cond.context.shape[1] == 3 * 77
+    seen = []
+    long = pipe(words, steps=3, seed=0, output="latent", progress=False,
+                callback=lambda i, sigma, x: seen.append((i, float(sigma), tuple(x.shape))))
+    assert [s[0] for s in seen] == [0, 1, 2] and seen[0][2] == (1, 4, 8, 8)
+    short = pipe(first75, steps=3, seed=0, output="latent", progress=False)
+    assert (long - short).abs().max() > 1e-3

@@ -75,7 +75,7 @@ def test_fp16_file_loads_as_bf16_and_fp32(tmp_path):
 def test_saved_file_round_trips_with_config(tmp_path):
     pipe = tiny_pipe("tiny-sdxl")
     pipe.save(tmp_path / "x.safetensors")
-    again = latentdiff.load(tmp_path / "x.safetensors")  # no config argument: read from the metadata
+    again = latentdiff.load(tmp_path / "x.safetensors", dtype=torch.float32)  # no config argument: read from the metadata
     assert again.cfg == pipe.cfg
     for a, b in zip(pipe.unet.state_dict().values(), again.unet.state_dict().values()):
         assert torch.equal(a, b)
@@ -144,7 +144,7 @@ def test_safe_ckpt_loads(tmp_path):
     pipe = tiny_pipe("tiny-sd15")
     sd = weights.state_dict_of(pipe.cfg, {"unet": pipe.unet, "vae": pipe.vae, "text_encoders": pipe.text_encoders})
     torch.save({"state_dict": sd, "global_step": 5}, tmp_path / "m.ckpt")
-    loaded = latentdiff.load(tmp_path / "m.ckpt", config="tiny-sd15")
+    loaded = latentdiff.load(tmp_path / "m.ckpt", config="tiny-sd15", dtype=torch.float32)
     assert torch.equal(loaded.vae.decoder.conv_out.weight, pipe.vae.decoder.conv_out.weight)
 
 

@@ -22,7 +22,7 @@ from latentdiff import weights
 from latentdiff.models.text import Tokenizer
 from latentdiff.sampling import schedules
 
-from . import checkpoint, data
+from . import checkpoint, data, webdata
 from .config import TrainConfig
 from .ema import EMA
 from . import cache as cache_mod
@@ -59,7 +59,11 @@ def train(tc: TrainConfig) -> dict:
         resume = checkpoint.latest(ckpt_dir) if tc.resume == "latest" else Path(tc.resume)
         if resume is None or not resume.is_file():
             raise FileNotFoundError(f"--resume {tc.resume}: no checkpoint found (looked in {ckpt_dir})")
-    records, skipped = data.load_records(tc.data, tc.builtin_size, tc.seed)
+    shards = webdata.shard_list(tc.data)  # WebDataset tar shards are streamed, not listed (webdata.py)
+    if shards is not None:
+        records, skipped = webdata.first_records(shards, tc, acc.num_processes), 0
+    else:
+        records, skipped = data.load_records(tc.data, tc.builtin_size, tc.seed)
 
     # --- models ---------------------------------------------------------------------------------------------
     cfg, modules = build_model(tc)
@@ -69,14 +73,17 @@ def train(tc: TrainConfig) -> dict:
         raise ValueError(f"resolution must be a multiple of {multiple} for this model, got {tc.resolution}")
     buckets = (data.make_buckets(tc.resolution, multiple, tc.bucket_max_ratio) if tc.buckets
                else [(tc.resolution, tc.resolution)])
-    bucket_of = [data.assign_bucket(r.size, buckets) for r in records]
-    per_rank = len(data.epoch_batches(bucket_of, tc.batch_size, tc.seed, 0, acc.process_index, acc.num_processes))
-    if per_rank == 0:
-        raise data.DataError(f"dataset {tc.data} has {len(records)} images: too few for one batch of "
-                             f"{tc.batch_size} per process on {acc.num_processes} process(es) in every bucket")
-    if main:
-        log.info("data: %d images (%d unreadable skipped), %d buckets, %d batches per process per epoch",
-                 len(records), skipped, len(buckets), per_rank)
+    if shards is None:
+        bucket_of = [data.assign_bucket(r.size, buckets) for r in records]
+        per_rank = len(data.epoch_batches(bucket_of, tc.batch_size, tc.seed, 0, acc.process_index, acc.num_processes))
+        if per_rank == 0:
+            raise data.DataError(f"dataset {tc.data} has {len(records)} images: too few for one batch of "
+                                 f"{tc.batch_size} per process on {acc.num_processes} process(es) in every bucket")
+        if main:
+            log.info("data: %d images (%d unreadable skipped), %d buckets, %d batches per process per epoch",
+                     len(records), skipped, len(buckets), per_rank)
+    elif main:
+        log.info("data: %d WebDataset shards, streamed by %d process(es)", len(shards), acc.num_processes)
 
     vae_mode = tc.mode == "vae"
     trained = {"vae": vae} if vae_mode else {"unet": unet, **({"text_encoders": encoders} if tc.train_text_encoder else {})}
@@ -168,6 +175,8 @@ def train(tc: TrainConfig) -> dict:
 
     tokenizer = Tokenizer()
     dataset = data.ImageDataset(records, buckets, tc.seed, tc.random_crop, tc.random_flip)
+    stream = None if shards is None else webdata.ShardStream(shards, tc.resolution, tc.seed, tc.random_crop,
+                                                             tc.random_flip, acc.process_index, acc.num_processes)
     cache = None
     if tc.cache_dir and not vae_mode:
         cache = cache_mod.build(tc, cfg, acc, dataset, bucket_of, vae, encoders, tokenizer, weight_dtype)
@@ -319,9 +328,12 @@ def train(tc: TrainConfig) -> dict:
     stop = min(tc.steps, tc.stop_at_step or tc.steps)
     t_start, time_frac, out_of_time = time.perf_counter(), 0.0, False
     while step < stop:
-        plan = data.epoch_batches(bucket_of, tc.batch_size, tc.seed, epoch, acc.process_index, acc.num_processes)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=plan[position:], collate_fn=data.collate,
-                                             num_workers=tc.num_workers)
+        if stream is not None:
+            loader = webdata.epoch_loader(stream, epoch, tc.batch_size, tc.num_workers, position, acc)
+        else:
+            plan = data.epoch_batches(bucket_of, tc.batch_size, tc.seed, epoch, acc.process_index, acc.num_processes)
+            loader = torch.utils.data.DataLoader(dataset, batch_sampler=plan[position:], collate_fn=data.collate,
+                                                 num_workers=tc.num_workers)
         for batch in loader:
             if tc.time_budget_min:  # rank 0's clock, so every rank uses the same LR and stops at the same step
                 spent = torch.tensor([(time.perf_counter() - t_start) / (60 * tc.time_budget_min)], device=device)
@@ -362,7 +374,8 @@ def train(tc: TrainConfig) -> dict:
                 dt = time.perf_counter() - t0
                 rate = samples / dt
                 rec = {"step": step, "epoch": epoch, "loss": loss_avg, "lr": tc.lr * factor, "samples_per_s": rate,
-                       "mfu": rate * flops_per_sample / (peak * acc.num_processes), "skipped_images": skipped}
+                       "mfu": rate * flops_per_sample / (peak * acc.num_processes),
+                       "skipped_images": skipped if stream is None else stream.skipped}
                 if fp is not None:
                     rec["weights_fingerprint"] = fp
                 losses.append(loss_avg)
@@ -386,7 +399,7 @@ def train(tc: TrainConfig) -> dict:
         else:
             epoch, position = epoch + 1, 0
             continue
-        if position == len(plan):
+        if stream is None and position == len(plan):
             epoch, position = epoch + 1, 0
     bar.close()
 
