@@ -8,6 +8,7 @@ Same weights, seed (CPU generator) and sampler give the same latents as diffuser
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ class Pipeline:
         for m in (unet, vae, text_encoders):
             m.eval().requires_grad_(False)
         self.alphas_cumprod = schedules.alphas_cumprod(cfg.beta_start, cfg.beta_end, cfg.num_train_timesteps)
+        self.offload = False  # see enable_offload()
         self.tile_decode_above = 128  # latent side above which decode() tiles (1024 px for SD)
         self._prompt_cache: dict[tuple, tuple[Conditioning, Conditioning]] = {}  # repeated prompts: encode once
 
@@ -67,7 +69,7 @@ class Pipeline:
         key = (tuple(prompts), tuple(negatives), negative_prompt is None, clip_skip)
         if key in self._prompt_cache:
             return self._prompt_cache[key]
-        with torch.inference_mode():
+        with torch.inference_mode(), self._on_device(self.text_encoders):
             c, cp, u, up = encode_prompts(self.tokenizer, list(self.text_encoders), prompts, negatives,
                                           clip_skip=clip_skip)
         if self.cfg.family == "sdxl" and negative_prompt is None:
@@ -183,7 +185,7 @@ class Pipeline:
 
     def _encode_image(self, image: torch.Tensor, generator) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, h, w), a posterior sample as diffusers draws it."""
-        with torch.inference_mode():
+        with torch.inference_mode(), self._on_device(self.vae):
             post = self.vae.encode(image.to(self.device, self.dtype))
             return post.sample(generator).float() * self.cfg.vae.scaling_factor
 
@@ -198,7 +200,7 @@ class Pipeline:
             extra["c_concat"] = c_concat
         if blend is not None:
             model = _KeepKnown(model, *blend)
-        with torch.inference_mode():
+        with torch.inference_mode(), self._on_device(self.unet):
             step_cb = None if callback is None else lambda d: callback(d["i"], d["sigma"], d["x"])
             return samplers.sample(sampler, model, x, sched, extra, callback=step_cb, generator=generator,
                                    disable=not progress, x0=x0)
@@ -213,7 +215,7 @@ class Pipeline:
         def run(vae, z):
             return (vae.tiled_decode(z) if tiled else vae.decode(z)).float()
 
-        with torch.inference_mode():
+        with torch.inference_mode(), self._on_device(self.vae):
             img = run(self.vae, z.to(self.dtype))
             if torch.isnan(img).any() and self.dtype == torch.float16:
                 log.warning("fp16 VAE decode produced NaN; decoding again in fp32")
@@ -252,6 +254,26 @@ class Pipeline:
             raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale!r}")
         if timestep_spacing is not None and timestep_spacing not in SPACINGS:
             raise ValueError(f"timestep_spacing must be one of {SPACINGS}, got {timestep_spacing!r}")
+
+    @contextlib.contextmanager
+    def _on_device(self, module: nn.Module):
+        """With `offload` set, a model lives on the CPU and visits the device only while it runs (text encoders,
+        then U-Net, then VAE): peak device memory is the largest model instead of all three."""
+        if not self.offload:
+            yield
+            return
+        module.to(self.device)
+        try:
+            yield
+        finally:
+            module.to("cpu")
+
+    def enable_offload(self) -> "Pipeline":
+        """Keep the models on the CPU between uses (GPUs with little memory); see `_on_device`."""
+        self.offload = True
+        for m in (self.unet, self.vae, self.text_encoders):
+            m.to("cpu")
+        return self
 
     def to(self, device=None, dtype=None) -> "Pipeline":
         self.device = torch.device(device) if device is not None else self.device

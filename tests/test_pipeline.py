@@ -147,3 +147,27 @@ def test_long_prompt_uses_every_chunk_and_callback_sees_every_step():
     assert [s[0] for s in seen] == [0, 1, 2] and seen[0][2] == (1, 4, 8, 8)
     short = pipe(first75, steps=3, seed=0, output="latent", progress=False)
     assert (long - short).abs().max() > 1e-3
+
+
+def test_offload_gives_the_same_latents_and_leaves_models_on_cpu():
+    pipe = tiny_pipe("tiny-sd15")
+    a = pipe("a cat", steps=2, seed=1, output="latent", progress=False)
+    pipe.enable_offload()
+    b = pipe("a dog", steps=2, seed=1, output="latent", progress=False)  # a new prompt: the encoders must run
+    c = pipe("a cat", steps=2, seed=1, output="latent", progress=False)
+    assert torch.equal(a, c) and not torch.equal(a, b)
+    assert all(p.device.type == "cpu" for m in (pipe.unet, pipe.vae, pipe.text_encoders) for p in m.parameters())
+
+
+def test_tiled_decode_kicks_in_above_the_threshold():
+    pipe = tiny_pipe("tiny-sd15")
+    z = torch.randn(1, 4, 24, 24) * 3
+    whole = pipe.decode(z)[0]
+    pipe.tile_decode_above = 16
+    calls = []
+    orig = pipe.vae.tiled_decode
+    pipe.vae.tiled_decode = lambda z, **kw: calls.append(z.shape) or orig(z, tile=16, overlap=8)
+    tiled = pipe.decode(z)[0]
+    import numpy as np
+
+    assert calls and np.abs(np.asarray(whole, float) - np.asarray(tiled, float)).mean() < 8
