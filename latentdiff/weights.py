@@ -10,6 +10,7 @@ diffusers folders: see `latentdiff/folders.py`; its rename tables live in `laten
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import mmap
@@ -208,20 +209,12 @@ def build_modules(cfg: ModelConfig, meta: bool = True) -> dict:
     from .models.unet import UNetModel
     from .models.vae import AutoencoderKL
 
-    with init_empty_weights(include_buffers=False) if meta else _nullcontext():
+    with init_empty_weights(include_buffers=False) if meta else contextlib.nullcontext():
         return {
             "unet": UNetModel(cfg.unet),
             "vae": AutoencoderKL(cfg.vae),
             "text_encoders": nn.ModuleList(build_text_encoder(t) for t in cfg.text),
         }
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def part_prefixes(cfg: ModelConfig) -> list[tuple[str, str]]:
