@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("args", nargs=argparse.REMAINDER)
     b.set_defaults(func=lambda a: __import__("latentdiff.bench", fromlist=["main"]).main(a.args))
 
-    e = sub.add_parser("eval", help="prompt-adherence evaluation of the shapes model: eval shapes [options]",
+    e = sub.add_parser("eval", help="evaluate the shipped models: eval shapes [options] | eval vae [--model emoji|shapes]",
                        add_help=False)
     e.add_argument("args", nargs=argparse.REMAINDER)
     e.set_defaults(func=lambda a: __import__("latentdiff.evaluate", fromlist=["main"]).main(a.args))

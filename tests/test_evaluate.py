@@ -19,7 +19,8 @@ class RenderingPipe:
     """A fake pipe that "generates" each caption by rendering a layout of it with the data generator."""
 
     def __call__(self, prompts, seed=0, **kw):
-        layouts = [shapes._place(np.random.default_rng([seed, i]), shapes.parse_caption(p)) for i, p in enumerate(prompts)]
+        layouts = [shapes._place(np.random.default_rng([seed, i]), shapes.parse_caption(p))
+                   for i, p in enumerate(prompts)]
         return [Image.fromarray(shapes.render(objs)) for objs in layouts]
 
 
