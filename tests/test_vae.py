@@ -11,7 +11,7 @@ from latentdiff.models.vae import AutoencoderKL
 
 diffusers = pytest.importorskip("diffusers")
 
-LAYOUTS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "checkpoint-layouts"
+LAYOUTS = Path(__file__).resolve().parent / "layouts"  # copies of shared/reference/checkpoint-layouts
 CFG = TINY_SD15.vae  # ch 32, ch_mult (1, 1, 2, 2), one res block: f = 8
 
 
