@@ -19,6 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 CHILD = """
 import json, resource, sys, time, torch, latentdiff
+import latentdiff.models.text, latentdiff.models.unet, latentdiff.models.vae, latentdiff.weights  # all imports first
+base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = time.perf_counter()
 pipe = latentdiff.load(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
 load_s = time.perf_counter() - t
@@ -27,7 +29,8 @@ for m in (pipe.unet, pipe.vae, pipe.text_encoders):
     for p in m.parameters():
         p.sum()  # read every page
         n += p.numel()
-print(json.dumps({"load_s": load_s, "params": n, "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+print(json.dumps({"load_s": load_s, "params": n, "base_kb": base_kb,
+                  "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """
 
 
@@ -49,9 +52,10 @@ def main() -> None:
         sys.exit(out.stderr)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     size = a.checkpoint.stat().st_size
-    rss = r["maxrss_kb"] * 1024
-    print(f"file {a.checkpoint} {size / 2**30:.2f} GiB; load as {a.dtype}: {r['load_s']:.1f} s, "
-          f"peak RSS {rss / 2**30:.2f} GiB = {rss / size:.2f}x the file ({r['params'] / 1e6:.0f} M parameters)")
+    rss, base = r["maxrss_kb"] * 1024, r["base_kb"] * 1024
+    print(f"file {a.checkpoint} {size / 2**30:.2f} GiB; load as {a.dtype}: {r['load_s']:.1f} s; peak RSS "
+          f"{rss / 2**30:.2f} GiB = {rss / size:.2f}x the file, of which {base / 2**30:.2f} GiB is the process "
+          f"after its imports; the load adds {(rss - base) / size:.2f}x ({r['params'] / 1e6:.0f} M parameters)")
 
 
 if __name__ == "__main__":

@@ -161,7 +161,7 @@ def read_folder(path, config: ModelConfig | None = None, prediction_type: str | 
                 log.info("%s: %d tensors the diffusers format does not hold are zero-filled: %s%s", sub,
                          len(absent), ", ".join(absent[:4]), " ..." if len(absent) > 4 else "")
         try:
-            sd = convert({k: f.get(k) for k in f.entries})
+            sd = convert({k: f.get(k, dtype) for k in f.entries})
         except ValueError as e:
             raise CheckpointError(f"{f.path}: {e}") from e
         _load_strict(mod, sd, f.path, dtype, device)

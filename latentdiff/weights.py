@@ -118,16 +118,22 @@ class SafetensorsFile:
     def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The tensor ``key``; a view of the mapped file when no conversion is needed (copy-on-write)."""
         src, shape, start, end = self.entries[key]
+        convert = dtype is not None and src.is_floating_point and src != dtype
         if end == start:
             t = torch.empty(shape, dtype=src)
+        elif convert:
+            # read, don't map: mapped pages would stay resident next to the converted copy (2x peak memory)
+            buf = bytearray(end - start)
+            with open(self.path, "rb") as f:
+                f.seek(self._base + start)
+                f.readinto(buf)
+            t = torch.frombuffer(buf, dtype=src).reshape(shape)
         else:
             buf = memoryview(self._mm)[self._base + start : self._base + end]
             t = torch.frombuffer(buf, dtype=src).reshape(shape)
             if (self._base + start) % src.itemsize:
                 t = t.clone()  # misaligned view: vectorised kernels want aligned data
-        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-            t = t.to(dtype)
-        return t
+        return t.to(dtype) if convert else t
 
 
 def read_ckpt(path: Path) -> dict[str, torch.Tensor]:
@@ -250,17 +256,14 @@ def check_keys(path, expected: dict, found: dict) -> None:
 
 
 def load_parts(cfg: ModelConfig, modules: dict, get, path, dtype: torch.dtype | None, device="cpu") -> None:
-    """Fill the meta-device `modules` from `get(key) -> tensor` (full single-file keys), strictly."""
+    """Fill the meta-device `modules` from `get(key, dtype) -> tensor` (full single-file keys), strictly."""
     root = nn.ModuleDict({"unet": modules["unet"], "vae": modules["vae"], "text_encoders": modules["text_encoders"]})
     for part, prefix in part_prefixes(cfg):
         mod = root.get_submodule(part)
         names = mod.state_dict().keys()
         sd = {}
         for k in names:
-            t = get(prefix + k)
-            if dtype is not None and t.is_floating_point():
-                t = t.to(dtype)
-            sd[k] = t.to(device)
+            sd[k] = get(prefix + k, dtype).to(device)
         mod.load_state_dict(sd, strict=True, assign=True)
 
 
@@ -271,7 +274,11 @@ def read_single_file(path, config=None, prediction_type=None, dtype=None, device
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
         sd = read_ckpt(path)
-        shapes, metadata, get = {k: tuple(v.shape) for k, v in sd.items()}, {}, sd.__getitem__
+        shapes, metadata = {k: tuple(v.shape) for k, v in sd.items()}, {}
+
+        def get(key, dtype=None):
+            t = sd[key]
+            return t.to(dtype) if dtype is not None and t.is_floating_point() else t
     else:
         f = SafetensorsFile(path)
         shapes, metadata = f.shapes(), f.metadata
