@@ -22,15 +22,13 @@ from torch import nn
 
 from .config import ModelConfig
 from .models.text import Tokenizer
-from .params import format_parameters
 from .models.unet import sdxl_vector
+from .params import format_parameters
 from .prompt import encode_prompts
 from .sampling import samplers, schedules
 from .sampling.denoiser import Denoiser
 
 log = logging.getLogger("latentdiff")
-
-SPACINGS = ("linspace", "leading", "trailing")
 
 
 @dataclass
@@ -252,8 +250,8 @@ class Pipeline:
             raise ValueError(f"output must be 'pil' or 'latent', got {output!r}")
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale!r}")
-        if timestep_spacing is not None and timestep_spacing not in SPACINGS:
-            raise ValueError(f"timestep_spacing must be one of {SPACINGS}, got {timestep_spacing!r}")
+        if timestep_spacing is not None and timestep_spacing not in schedules.SPACINGS:
+            raise ValueError(f"timestep_spacing must be one of {schedules.SPACINGS}, got {timestep_spacing!r}")
 
     @contextlib.contextmanager
     def _on_device(self, module: nn.Module):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from safetensors.torch import save_file
 
 import latentdiff
 from latentdiff import weights
-from latentdiff.config import SD15, SD21, SDXL, get_preset, with_inpainting
+from latentdiff.config import SD15, SD21, SDXL
 from conftest import layout, tiny_pipe
 
 

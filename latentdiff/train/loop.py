@@ -86,7 +86,10 @@ def train(tc: TrainConfig) -> dict:
         log.info("data: %d WebDataset shards, streamed by %d process(es)", len(shards), acc.num_processes)
 
     vae_mode = tc.mode == "vae"
-    trained = {"vae": vae} if vae_mode else {"unet": unet, **({"text_encoders": encoders} if tc.train_text_encoder else {})}
+    if vae_mode:
+        trained = {"vae": vae}
+    else:
+        trained = {"unet": unet, **({"text_encoders": encoders} if tc.train_text_encoder else {})}
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(tc.mixed_precision, torch.float32)
     for name, m in modules.items():
         m.requires_grad_(name in trained).train(name in trained)
@@ -185,7 +188,8 @@ def train(tc: TrainConfig) -> dict:
 
     def unet_loss_of(batch) -> torch.Tensor:
         hw = batch["hw"][0]
-        r = {k: v.to(device) for k, v in draw(batch["key"], tc.seed, (cfg.vae.z_channels, hw[0] // f, hw[1] // f), T).items()}
+        latent_shape = (cfg.vae.z_channels, hw[0] // f, hw[1] // f)
+        r = {k: v.to(device) for k, v in draw(batch["key"], tc.seed, latent_shape, T).items()}
         drop = (r["drop"] < tc.caption_dropout).tolist()  # caption dropout: train on the empty prompt
         captions = ["" if d else c for c, d in zip(batch["caption"], drop)]
         with torch.no_grad():
@@ -324,8 +328,8 @@ def train(tc: TrainConfig) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(tc.to_dict(), indent=1))
     losses, interval_loss, interval_steps, t0, samples = [], 0.0, 0, time.perf_counter(), 0
-    bar = tqdm(total=min(tc.steps, tc.stop_at_step or tc.steps), initial=step, disable=not main, desc=tc.run_name, dynamic_ncols=True)
     stop = min(tc.steps, tc.stop_at_step or tc.steps)
+    bar = tqdm(total=stop, initial=step, disable=not main, desc=tc.run_name, dynamic_ncols=True)
     t_start, time_frac, out_of_time = time.perf_counter(), 0.0, False
     while step < stop:
         if stream is not None:
