@@ -253,3 +253,22 @@ def test_buckets_and_epoch_plan():
             assert len({b for _, _, b in batch}) == 1  # one bucket per batch
     seen = [i for plan in plans for batch in plan for i, _, _ in batch]
     assert len(seen) == len(set(seen))
+
+
+def test_vae_decoder_only_keeps_the_latents(tmp_path):
+    """Decoder-only VAE fine-tuning (init_from a model): the encoder, hence every latent and the U-Net trained on
+    them, is unchanged, the decoder moves, and the measured latent scale is kept."""
+    from latentdiff.weights import SafetensorsFile
+
+    base = tmp_path / "base.safetensors"
+    _train(_cfg(tmp_path, run_name="base", steps=2, save_every=0))
+    os.replace(tmp_path / "runs/base/final.safetensors", base)
+    out = _train(_cfg(tmp_path, run_name="ft", mode="vae", init_from=str(base), vae_decoder_only=True, steps=3,
+                      lr=1e-2, warmup_steps=0, save_every=0, ema_decay=0.0, data="builtin:emoji"))
+    a, b = SafetensorsFile(base), SafetensorsFile(out["export"])
+    enc = [k for k in a.entries if k.startswith("first_stage_model.encoder.") or "quant_conv" in k
+           and "post" not in k]
+    dec = [k for k in a.entries if k.startswith("first_stage_model.decoder.")]
+    assert enc and all(torch.equal(a.get(k), b.get(k)) for k in enc)
+    assert any(not torch.equal(a.get(k), b.get(k)) for k in dec)
+    assert a.metadata["latentdiff_config"] == b.metadata["latentdiff_config"]

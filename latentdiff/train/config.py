@@ -51,6 +51,9 @@ class TrainConfig:
     vae_recon: str = "l1"  # l1 | l2
     vae_kl_weight: float = 1e-6
     vae_disc_weight: float = 0.0  # 0 = no patch discriminator
+    # VAE mode: train only the decoder (+ post_quant_conv); the latents, and any U-Net trained on them, stay
+    # valid (how Stability fine-tuned sd-vae-ft-mse). Use with init_from.
+    vae_decoder_only: bool = False
     vae_disc_start: int = 0  # optimizer step at which the adversarial loss starts
 
     # --- optimisation ---

@@ -95,9 +95,16 @@ def train(tc: TrainConfig) -> dict:
         m.requires_grad_(name in trained).train(name in trained)
         if not vae_mode or name == "vae":
             m.to(device, torch.float32 if name in trained else weight_dtype)  # frozen parts run in the mixed dtype
+
+    def freeze_encoder() -> None:
+        if vae_mode and tc.vae_decoder_only:
+            vae.encoder.requires_grad_(False).eval()
+            vae.quant_conv.requires_grad_(False)
+
+    freeze_encoder()
     if tc.gradient_checkpointing and not vae_mode:
         enable_gradient_checkpointing(unet)
-    named = {f"{k}.{n}": p for k, m in trained.items() for n, p in m.named_parameters()}
+    named = {f"{k}.{n}": p for k, m in trained.items() for n, p in m.named_parameters() if p.requires_grad}
     groups = [{"params": [p for n, p in named.items() if not n.startswith("text_encoders.")], "lr": tc.lr}]
     if tc.train_text_encoder and not vae_mode:
         groups.append({"params": list(encoders.parameters()), "lr": tc.text_encoder_lr or tc.lr})
@@ -308,6 +315,7 @@ def train(tc: TrainConfig) -> dict:
             out = with_ema_weights(run)
         for name, m in trained.items():  # the Pipeline froze them
             m.requires_grad_(True).train()
+        freeze_encoder()
         log.info("validation grid: %s", out)
 
     @torch.no_grad()
@@ -409,7 +417,7 @@ def train(tc: TrainConfig) -> dict:
 
     # --- export: the EMA weights as one single file that latentdiff.load opens --------------------------------
     export = run_dir / "final.safetensors" if step == tc.steps or out_of_time else None
-    if main and export is not None and vae_mode:
+    if main and export is not None and vae_mode and not tc.vae_decoder_only:  # a frozen encoder keeps its scale
         cfg = replace(cfg, vae=replace(cfg.vae, scaling_factor=with_ema_weights(latent_scale)))
         log.info("VAE scaling_factor = %.5f (1 / std of the training latents)", cfg.vae.scaling_factor)
     if main and export is not None:
