@@ -16,3 +16,4 @@ mkdir -p "$out"
 train emoji > "$out/emoji-train.log" 2>&1 &
 train shapes > "$out/shapes-train.log" 2>&1 &
 wait
+# The shipped emoji file then had its VAE decoder fine-tuned on CPU (stage 3, command in checkpoints/emoji.md).
