@@ -56,8 +56,8 @@ def load(path: str | os.PathLike | None = None, *, device: str | torch.device = 
     if path is None:
         path = DEFAULT_MODEL
     p = Path(path)
-    if not p.exists() and not p.suffix and _find(str(path)):
-        p = _find(str(path))
+    if not p.exists() and not p.suffix:
+        p = _find(str(path)) or p
     if p.is_dir():
         from .folders import read_folder
 
