@@ -26,7 +26,8 @@ from .config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
 from .diffusers_format import text as text_fmt
 from .diffusers_format import unet as unet_fmt
 from .diffusers_format import vae as vae_fmt
-from .weights import CheckpointError, SafetensorsFile, build_modules, resolve_prediction_type, write_safetensors
+from .weights import (CheckpointError, SafetensorsFile, build_modules, check_keys, resolve_prediction_type,
+                      write_safetensors)
 
 log = logging.getLogger("latentdiff")
 
@@ -170,8 +171,6 @@ def read_folder(path, config: ModelConfig | None = None, prediction_type: str | 
 
 def _load_strict(mod: nn.Module, sd: dict, path, dtype, device) -> None:
     expected = {k: tuple(v.shape) for k, v in mod.state_dict().items()}
-    from .weights import check_keys
-
     check_keys(path, expected, {k: tuple(v.shape) for k, v in sd.items()})
     sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).to(device)
           for k, v in sd.items() if k in expected}

@@ -109,8 +109,8 @@ class SafetensorsFile:
                 if end - start != numel * dtype.itemsize:
                     raise CheckpointError(f"{self.path}: tensor {key!r} has {end - start} bytes for shape {shape}")
                 self.entries[key] = (dtype, shape, start, end)
-        with open(self.path, "rb") as f:
-            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+        self._file = open(self.path, "rb")  # converting reads; closed with this object
+        self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: e[1] for k, e in self.entries.items()}
@@ -124,9 +124,8 @@ class SafetensorsFile:
         elif convert:
             # read, don't map: mapped pages would stay resident next to the converted copy (2x peak memory)
             buf = bytearray(end - start)
-            with open(self.path, "rb") as f:
-                f.seek(self._base + start)
-                f.readinto(buf)
+            self._file.seek(self._base + start)
+            self._file.readinto(buf)
             t = torch.frombuffer(buf, dtype=src).reshape(shape)
         else:
             buf = memoryview(self._mm)[self._base + start : self._base + end]

@@ -19,7 +19,7 @@ from einops import rearrange
 from torch import nn
 
 from latentdiff.config import VAEConfig
-from latentdiff.models.layers import attention
+from latentdiff.models.layers import Upsample, attention
 
 
 def _norm(cfg: VAEConfig, channels: int) -> nn.GroupNorm:
@@ -75,17 +75,6 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # (B, C, H, W) -> (B, C, H/2, W/2)
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour x2, then conv3x3."""
-
-    def __init__(self, ch: int):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
 
 
 class Mid(nn.Module):

@@ -276,6 +276,11 @@ def train(tc: TrainConfig) -> dict:
         path = checkpoint.save(ckpt_dir, step, state, tc.keep_last)
         log.info("saved %s", path)
 
+    def plain_tensor(r) -> torch.Tensor:
+        """A record as (3, H, W) in [-1, 1], center-cropped, not flipped (validation and the latent scale)."""
+        image = r.source if not isinstance(r.source, str) else data.Image.open(r.source)
+        return data.to_tensor(image, buckets[0], False, False, torch.Generator())[0]
+
     def with_ema_weights(fn):
         """Run fn with the EMA weights in the (unwrapped) trained modules, then put the live weights back."""
         if ema is None:
@@ -302,8 +307,7 @@ def train(tc: TrainConfig) -> dict:
             return out
 
         if vae_mode:  # the autoencoder's reconstructions of the first images instead
-            x = torch.stack([data.to_tensor(r.source if not isinstance(r.source, str) else data.Image.open(r.source),
-                                            buckets[0], False, False, torch.Generator())[0] for r in records[:8]])
+            x = torch.stack([plain_tensor(r) for r in records[:8]])
             with torch.no_grad():
                 recon = with_ema_weights(lambda: vae.decode(vae.encode(x.to(device)).mean)).float().cpu()
             grid = torch.cat([torch.cat(list(x), -1), torch.cat(list(recon), -1)], -2)  # originals over recons
@@ -324,9 +328,7 @@ def train(tc: TrainConfig) -> dict:
         U-Net sees unit-variance latents."""
         lat = []
         for i in range(0, min(n, len(records)), 64):
-            x = torch.stack([data.to_tensor(r.source if not isinstance(r.source, str) else data.Image.open(r.source),
-                                            buckets[0], False, False, torch.Generator())[0]
-                             for r in records[i:i + 64]])
+            x = torch.stack([plain_tensor(r) for r in records[i:i + 64]])
             lat.append(vae.encode(x.to(device)).sample(torch.Generator(device).manual_seed(i)).float().cpu())
         return 1.0 / torch.cat(lat).std().item()
 
