@@ -272,3 +272,28 @@ def test_vae_decoder_only_keeps_the_latents(tmp_path):
     assert enc and all(torch.equal(a.get(k), b.get(k)) for k in enc)
     assert any(not torch.equal(a.get(k), b.get(k)) for k in dec)
     assert a.metadata["latentdiff_config"] == b.metadata["latentdiff_config"]
+
+
+@pytest.mark.parametrize("train_text_encoder", [False, True])
+def test_cache_gives_the_same_training(tmp_path, train_text_encoder):
+    """cache_dir: the cached posteriors (and text embeddings, unless the text encoder trains) give the losses of
+    the uncached run; a second run reuses the file instead of recomputing it."""
+    kw = dict(steps=6, save_every=0, train_text_encoder=train_text_encoder)
+    plain = _cfg(tmp_path, run_name="plain", **kw)
+    _train(plain)
+    cached = _cfg(tmp_path, run_name="cached", cache_dir=str(tmp_path / "cache"), **kw)
+    _train(cached)
+    files = list((tmp_path / "cache").glob("cache-*.safetensors"))
+    assert len(files) == 1
+    from safetensors import safe_open
+
+    with safe_open(files[0], "pt") as f:
+        keys = set(f.keys())
+    assert "mean.0" in keys and "std.31" in keys
+    assert ("context.empty" in keys) is not train_text_encoder  # text embeddings change while the encoder trains
+    lp, lc = _losses(plain.run_dir), _losses(cached.run_dir)
+    assert sorted(lp) == sorted(lc) == list(range(1, 7))
+    np.testing.assert_allclose([lc[s] for s in lp], [lp[s] for s in lp], rtol=1e-4)
+    mtime = files[0].stat().st_mtime_ns
+    _train(_cfg(tmp_path, run_name="again", cache_dir=str(tmp_path / "cache"), **kw))
+    assert files[0].stat().st_mtime_ns == mtime and _losses(tmp_path / "runs/again") == lc

@@ -1,7 +1,8 @@
 """Cache of VAE posteriors and text embeddings: computed once, on the main process, then read by every rank
 and reused by later runs with the same model, data and resolution (the file name is a hash of those).
 
-Posteriors (mean, std) are cached rather than latents, so each step still draws a fresh latent sample.
+Posteriors (mean, std) are cached rather than latents, so each step still draws a fresh latent sample. With
+train_text_encoder the text embeddings change every step, so only the posteriors are cached.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def fingerprint(tc, cfg, records: list[data.Record], buckets, bucket_of) -> str:
         "model": cfg.to_json(), "init_from": source_id(tc.init_from) if tc.init_from and Path(tc.init_from).is_file()
         else tc.init_from, "vae_from": source_id(tc.vae_from), "scratch_seed": None if tc.init_from else tc.seed,
         "data": tc.data, "builtin": [tc.builtin_size, tc.seed] if tc.data.startswith("builtin:") else None,
-        "mixed_precision": tc.mixed_precision,
+        "mixed_precision": tc.mixed_precision, "text": not tc.train_text_encoder,
         "records": [[r.source if isinstance(r.source, str) else i, r.caption, list(r.size), buckets[b]]
                     for i, (r, b) in enumerate(zip(records, bucket_of))],
     }
@@ -58,24 +59,31 @@ class Cache:
 
 @torch.no_grad()
 def compute(dataset: data.ImageDataset, bucket_of, vae, encoders, tokenizer, batch_size: int, device,
-            dtype) -> dict[str, torch.Tensor]:
+            dtype, text: bool = True) -> dict[str, torch.Tensor]:
+    """mean.i / std.i: (C, h, w) posterior of image i; with text, context.i (77, D) [pooled.i (D,)] and .empty."""
     out = {}
     n = len(dataset)
     for s in range(0, n, batch_size):
         idx = list(range(s, min(n, s + batch_size)))
         items = [dataset[(i, 0, bucket_of[i])] for i in idx]
-        for i, it in zip(idx, items):  # one at a time: buckets may differ in size
-            post = vae.encode(it["pixels"][None].to(device, dtype))
-            out[f"mean.{i}"], out[f"std.{i}"] = post.mean[0], post.std[0]
-        context, pooled = encode_ids(encoders, tokenize(tokenizer, encoders, [it["caption"] for it in items], device))
-        for j, i in enumerate(idx):
-            out[f"context.{i}"] = context[j]
-            if pooled is not None:
-                out[f"pooled.{i}"] = pooled[j]
-    context, pooled = encode_ids(encoders, tokenize(tokenizer, encoders, [""], device))
-    out["context.empty"] = context[0]
-    if pooled is not None:
-        out["pooled.empty"] = pooled[0]
+        # images of one bucket share a size and go through the VAE as one batch
+        for b in sorted({bucket_of[i] for i in idx}):
+            group = [(i, it) for i, it in zip(idx, items) if bucket_of[i] == b]
+            post = vae.encode(torch.stack([it["pixels"] for _, it in group]).to(device, dtype))
+            for j, (i, _) in enumerate(group):
+                out[f"mean.{i}"], out[f"std.{i}"] = post.mean[j].clone(), post.std[j].clone()
+        if text:
+            context, pooled = encode_ids(encoders, tokenize(tokenizer, encoders, [it["caption"] for it in items],
+                                                            device))
+            for j, i in enumerate(idx):
+                out[f"context.{i}"] = context[j]
+                if pooled is not None:
+                    out[f"pooled.{i}"] = pooled[j]
+    if text:
+        context, pooled = encode_ids(encoders, tokenize(tokenizer, encoders, [""], device))
+        out["context.empty"] = context[0]
+        if pooled is not None:
+            out["pooled.empty"] = pooled[0]
     return out
 
 
@@ -86,8 +94,9 @@ def build(tc, cfg, acc, dataset, bucket_of, vae, encoders, tokenizer, dtype) -> 
             if path.is_file():
                 log.info("reusing cache %s", path)
             else:
-                log.info("computing the latent and text cache for %d images -> %s", len(dataset), path)
+                log.info("computing the latent%s cache for %d images -> %s",
+                         "" if tc.train_text_encoder else " and text", len(dataset), path)
                 write_safetensors(path, compute(dataset, bucket_of, vae, encoders, tokenizer, tc.batch_size,
-                                                acc.device, dtype))
+                                                acc.device, dtype, text=not tc.train_text_encoder))
         tensors = load_file(path)
     return Cache(tensors)

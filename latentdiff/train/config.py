@@ -39,7 +39,7 @@ class TrainConfig:
     random_crop: bool = False  # else center crop
     random_flip: bool = False
     num_workers: int = 0
-    cache_dir: str | None = None  # cache VAE posteriors and text embeddings here (computed once, reused)
+    cache_dir: str | None = None  # cache VAE posteriors (and text embeddings unless train_text_encoder) here, reused
 
     # --- objective (unet mode) ---
     caption_dropout: float = 0.1  # train on the empty prompt this often, so classifier-free guidance works
@@ -138,8 +138,6 @@ def check(c: TrainConfig) -> None:
         raise ValueError(f"ema_decay must be in [0, 1), got {c.ema_decay}")
     if c.cache_dir and (c.random_crop or c.random_flip):
         raise ValueError("cache_dir caches one encoding per image: it needs random_crop=false and random_flip=false")
-    if c.cache_dir and c.train_text_encoder:
-        raise ValueError("cache_dir caches text embeddings: it cannot be combined with train_text_encoder=true")
 
 
 def load_train_config(path: str | None, overrides: list[str]) -> TrainConfig:
