@@ -16,4 +16,5 @@ mkdir -p "$out"
 train emoji > "$out/emoji-train.log" 2>&1 &
 train shapes > "$out/shapes-train.log" 2>&1 &
 wait
-# The shipped emoji file then had its VAE decoder fine-tuned on CPU (stage 3, command in checkpoints/emoji.md).
+# Then, on a CPU (stage 3, commands in the model cards): the emoji VAE decoder was fine-tuned
+# (checkpoints/emoji.md), and the shapes U-Net + text encoder trained on (configs/train/shapes-cpu.yaml).
