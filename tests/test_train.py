@@ -297,3 +297,22 @@ def test_cache_gives_the_same_training(tmp_path, train_text_encoder):
     mtime = files[0].stat().st_mtime_ns
     _train(_cfg(tmp_path, run_name="again", cache_dir=str(tmp_path / "cache"), **kw))
     assert files[0].stat().st_mtime_ns == mtime and _losses(tmp_path / "runs/again") == lc
+
+
+def test_cpu_threads(monkeypatch):
+    """accelerate launch leaves OMP_NUM_THREADS=1 on small VMs; the trainer gives each local process its share of
+    the usable cores, or LATENTDIFF_NUM_THREADS."""
+    from latentdiff.train.loop import cpu_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("LATENTDIFF_NUM_THREADS", "1")
+        cpu_threads(1)
+        assert torch.get_num_threads() == 1
+        monkeypatch.delenv("LATENTDIFF_NUM_THREADS")
+        cpu_threads(1)
+        assert torch.get_num_threads() == len(os.sched_getaffinity(0))
+        cpu_threads(1000)  # more processes than cores: still one thread each
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -48,7 +48,8 @@ def cpu_threads(local_processes: int) -> None:
     """`accelerate launch` sets OMP_NUM_THREADS=1 unless told otherwise (it counts physical cores, and a 2-vCPU VM
     has one), which halves CPU training speed. Give each local process its share of the usable cores instead;
     LATENTDIFF_NUM_THREADS overrides."""
-    n = int(os.environ.get("LATENTDIFF_NUM_THREADS", 0)) or max(len(os.sched_getaffinity(0)) // local_processes, 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # not on macOS
+    n = int(os.environ.get("LATENTDIFF_NUM_THREADS", 0)) or max(cores // local_processes, 1)
     if n != torch.get_num_threads():
         torch.set_num_threads(n)
         log.info("CPU threads per process: %d", n)
