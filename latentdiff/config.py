@@ -83,6 +83,9 @@ class ModelConfig:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     num_train_timesteps: int = 1000
+    # Lin et al. 2023: sqrt(alphas_cumprod) shifted so the last step has SNR 0, i.e. training ends at pure noise
+    # as sampling starts (needs v_prediction); diffusers' rescale_betas_zero_snr
+    zero_terminal_snr: bool = False
     # recommended generation defaults
     size: int = 512
     sampler: str = "euler"

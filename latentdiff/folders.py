@@ -137,6 +137,7 @@ def read_folder(path, config: ModelConfig | None = None, prediction_type: str | 
             prediction_type=sched.get("prediction_type", "epsilon"),
             beta_start=sched.get("beta_start", 0.00085), beta_end=sched.get("beta_end", 0.012),
             num_train_timesteps=sched.get("num_train_timesteps", 1000),
+            zero_terminal_snr=bool(sched.get("rescale_betas_zero_snr", False)),
             timestep_spacing="leading" if family == "sdxl" else None,
             size=1024 if family == "sdxl" else 768 if sched.get("prediction_type") == "v_prediction" else 512)
         config_from = "the folder's scheduler_config.json" if "prediction_type" in sched else None
@@ -189,6 +190,8 @@ def _scheduler_config(cfg: ModelConfig) -> dict:
            "steps_offset": 1, "clip_sample": False, "set_alpha_to_one": False, "skip_prk_steps": True}
     if cfg.timestep_spacing:
         out["timestep_spacing"] = cfg.timestep_spacing
+    if cfg.zero_terminal_snr:
+        out["rescale_betas_zero_snr"] = True
     return out
 
 

@@ -45,7 +45,7 @@ class Pipeline:
         self.device, self.dtype, self.source = torch.device(device), dtype, source
         for m in (unet, vae, text_encoders):
             m.eval().requires_grad_(False)
-        self.alphas_cumprod = schedules.alphas_cumprod(cfg.beta_start, cfg.beta_end, cfg.num_train_timesteps)
+        self.alphas_cumprod = schedules.model_alphas_cumprod(cfg)
         self.offload = False  # see enable_offload()
         self.tile_decode_above = 128  # latent side above which decode() tiles (1024 px for SD)
         self._prompt_cache: dict[tuple, tuple[Conditioning, Conditioning]] = {}  # repeated prompts: encode once

@@ -171,3 +171,33 @@ def test_tiled_decode_kicks_in_above_the_threshold():
     import numpy as np
 
     assert calls and np.abs(np.asarray(whole, float) - np.asarray(tiled, float)).mean() < 8
+
+
+@pytest.mark.parametrize("sampler, cls", [("euler", "EulerDiscreteScheduler"),
+                                          ("dpmpp_2m", "DPMSolverMultistepScheduler")])
+def test_zero_terminal_snr_model_matches_diffusers(sampler, cls, tmp_path):
+    """A v-prediction model trained with zero terminal SNR samples on the rescaled schedule, as diffusers does
+    with rescale_betas_zero_snr (which our folder writer sets), and the flag survives both file formats."""
+    from dataclasses import replace
+
+    import latentdiff
+    from latentdiff.config import get_preset
+
+    from conftest import perturb
+
+    pipe = latentdiff.from_config(replace(get_preset("tiny-sd21_v"), zero_terminal_snr=True))
+    for i, m in enumerate((pipe.unet, pipe.vae, pipe.text_encoders)):
+        perturb(m, i)
+    assert pipe.alphas_cumprod[-1] == 0
+    ours = pipe(PROMPT, negative_prompt=NEG, guidance_scale=7.5, steps=10, seed=0, sampler=sampler,
+                height=64, width=64, output="latent", progress=False)
+    dpipe = diffusers_twin(pipe, tmp_path / "d")
+    assert dpipe.scheduler.config.rescale_betas_zero_snr
+    theirs = _diffusers_latents(dpipe, cls)
+    assert rel_err(ours, theirs) < 1e-3, rel_err(ours, theirs)
+    plain = pipe.__class__(replace(pipe.cfg, zero_terminal_snr=False), pipe.unet, pipe.vae, pipe.text_encoders)
+    assert rel_err(plain(PROMPT, negative_prompt=NEG, guidance_scale=7.5, steps=10, seed=0, sampler=sampler,
+                         height=64, width=64, output="latent", progress=False), theirs) > 1e-2
+    pipe.save(tmp_path / "m.safetensors")
+    assert latentdiff.load(tmp_path / "m.safetensors", dtype=torch.float32).cfg.zero_terminal_snr
+    assert latentdiff.load(tmp_path / "d", dtype=torch.float32).cfg.zero_terminal_snr

@@ -289,7 +289,8 @@ def test_cache_gives_the_same_training(tmp_path, train_text_encoder):
 
     with safe_open(files[0], "pt") as f:
         keys = set(f.keys())
-    assert "mean.0" in keys and "std.31" in keys
+        assert f.get_tensor("mean.0").shape[0] == 32 and f.get_tensor("row").tolist() == list(range(32))
+    assert {"mean.0", "std.0", "bucket", "row"} <= keys
     assert ("context.empty" in keys) is not train_text_encoder  # text embeddings change while the encoder trains
     lp, lc = _losses(plain.run_dir), _losses(cached.run_dir)
     assert sorted(lp) == sorted(lc) == list(range(1, 7))
@@ -316,3 +317,41 @@ def test_cpu_threads(monkeypatch):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_cache_layout_with_two_buckets():
+    """The cache holds one posterior tensor per bucket: every image reads back its own posterior and text
+    embedding, in any batch order, and a batch that mixes buckets is refused."""
+    import latentdiff
+    from latentdiff.train import cache
+    from latentdiff.train.model import encode_ids, tokenize
+
+    pipe = latentdiff.from_config("tiny-sd15")
+    sizes, bucket_of = [(32, 32), (32, 48)], [0, 1, 0, 1, 1, 0, 0]
+    g = torch.Generator().manual_seed(0)
+    pixels = [torch.rand(3, *sizes[b], generator=g) * 2 - 1 for b in bucket_of]
+
+    class Stub:
+        def __len__(self):
+            return len(pixels)
+
+        def __getitem__(self, item):
+            i, _, b = item
+            assert b == bucket_of[i]
+            return {"pixels": pixels[i], "caption": f"a caption number {i}"}
+
+    encoders = list(pipe.text_encoders)
+    c = cache.Cache(cache.compute(Stub(), bucket_of, pipe.vae, encoders, pipe.tokenizer, 3, "cpu", torch.float32))
+    assert c.t["mean.0"].shape == (4, 4, 4, 4) and c.t["mean.1"].shape == (3, 4, 4, 6)
+    for idx in ([6, 0, 2], [4, 1]):
+        mean, std = c.posterior(idx, "cpu")
+        with torch.no_grad():
+            post = pipe.vae.encode(torch.stack([pixels[i] for i in idx]))
+        torch.testing.assert_close(mean, post.mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(std, post.std, rtol=1e-4, atol=1e-5)
+    context, _ = c.text([5, 3], [False, True], "cpu")
+    with torch.no_grad():
+        ref, _ = encode_ids(encoders, tokenize(pipe.tokenizer, encoders, ["a caption number 5", ""], "cpu"))
+    torch.testing.assert_close(context, ref, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="spans cache buckets"):
+        c.posterior([0, 1], "cpu")

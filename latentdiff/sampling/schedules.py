@@ -44,6 +44,12 @@ def alphas_cumprod(beta_start: float = 0.00085, beta_end: float = 0.012, T: int 
     return torch.cumprod(1.0 - betas, dim=0)
 
 
+def model_alphas_cumprod(cfg) -> torch.Tensor:
+    """The training schedule of a ModelConfig: (T,) float32, zero-terminal-SNR rescaled when the model says so."""
+    ac = alphas_cumprod(cfg.beta_start, cfg.beta_end, cfg.num_train_timesteps)
+    return rescale_zero_terminal_snr(ac) if cfg.zero_terminal_snr else ac
+
+
 _sd_alphas_cumprod = alphas_cumprod  # get_sigmas' argument of the same name shadows it
 
 

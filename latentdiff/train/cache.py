@@ -6,6 +6,7 @@ train_text_encoder the text embeddings change every step, so only the posteriors
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -30,11 +31,14 @@ def fingerprint(tc, cfg, records: list[data.Record], buckets, bucket_of) -> str:
         st = p.stat()
         return [str(p.resolve()), st.st_size, st.st_mtime_ns]
 
+    # posteriors depend on the VAE only: a run that changes just the U-Net side (prediction type, schedule)
+    # reuses the file; cached text embeddings depend on the whole model
+    model = cfg.to_json() if not tc.train_text_encoder else json.dumps(dataclasses.asdict(cfg.vae), sort_keys=True)
     ident = {
-        "model": cfg.to_json(), "init_from": source_id(tc.init_from) if tc.init_from and Path(tc.init_from).is_file()
+        "model": model, "init_from": source_id(tc.init_from) if tc.init_from and Path(tc.init_from).is_file()
         else tc.init_from, "vae_from": source_id(tc.vae_from), "scratch_seed": None if tc.init_from else tc.seed,
         "data": tc.data, "builtin": [tc.builtin_size, tc.seed] if tc.data.startswith("builtin:") else None,
-        "mixed_precision": tc.mixed_precision, "text": not tc.train_text_encoder,
+        "mixed_precision": tc.mixed_precision, "text": not tc.train_text_encoder, "layout": 2,
         "records": [[r.source if isinstance(r.source, str) else i, r.caption, list(r.size), buckets[b]]
                     for i, (r, b) in enumerate(zip(records, bucket_of))],
     }
@@ -42,27 +46,38 @@ def fingerprint(tc, cfg, records: list[data.Record], buckets, bucket_of) -> str:
 
 
 class Cache:
+    """The cache file's tensors: posteriors as one (N_b, C, h, w) tensor per bucket b (a few large tensors, not
+    one small tensor per image: 120k small ones fragmented the heap of a 60k-image run to 15 GB); ``bucket`` and
+    ``row`` (N,) locate image i; text as context (N, 77, D) [pooled (N, P)] plus the empty prompt's."""
+
     def __init__(self, tensors: dict[str, torch.Tensor]):
         self.t = tensors
 
     def posterior(self, indices: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
-        mean = torch.stack([self.t[f"mean.{i}"] for i in indices]).to(device)  # (B, C, h, w)
-        std = torch.stack([self.t[f"std.{i}"] for i in indices]).to(device)
-        return mean.float(), std.float()
+        i = torch.tensor(indices)
+        buckets = self.t["bucket"][i].unique().tolist()
+        if len(buckets) != 1:  # every batch comes from one bucket (data.epoch_batches)
+            raise ValueError(f"a batch spans cache buckets {buckets}")
+        rows = self.t["row"][i]
+        mean, std = self.t[f"mean.{buckets[0]}"][rows], self.t[f"std.{buckets[0]}"][rows]  # (B, C, h, w)
+        return mean.to(device).float(), std.to(device).float()
 
     def text(self, indices: list[int], dropped: list[bool], device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        keys = ["empty" if d else str(i) for i, d in zip(indices, dropped)]
-        context = torch.stack([self.t[f"context.{k}"] for k in keys]).to(device)  # (B, 77, D)
-        pooled = torch.stack([self.t[f"pooled.{k}"] for k in keys]).to(device) if "pooled.empty" in self.t else None
+        drop = torch.tensor(dropped).view(-1, 1, 1)
+        context = torch.where(drop, self.t["context.empty"], self.t["context"][indices]).to(device)  # (B, 77, D)
+        pooled = None
+        if "pooled" in self.t:
+            pooled = torch.where(drop[:, 0], self.t["pooled.empty"], self.t["pooled"][indices]).to(device)
         return context, pooled
 
 
 @torch.no_grad()
 def compute(dataset: data.ImageDataset, bucket_of, vae, encoders, tokenizer, batch_size: int, device,
             dtype, text: bool = True) -> dict[str, torch.Tensor]:
-    """mean.i / std.i: (C, h, w) posterior of image i; with text, context.i (77, D) [pooled.i (D,)] and .empty."""
-    out = {}
+    """The tensors of a cache file (see Cache) for every image of the dataset."""
     n = len(dataset)
+    means, stds, rows = {}, {}, torch.zeros(n, dtype=torch.int64)  # bucket -> [(b, C, h, w), ...]
+    contexts, pooleds = [], []
     for s in range(0, n, batch_size):
         idx = list(range(s, min(n, s + batch_size)))
         items = [dataset[(i, 0, bucket_of[i])] for i in idx]
@@ -70,20 +85,25 @@ def compute(dataset: data.ImageDataset, bucket_of, vae, encoders, tokenizer, bat
         for b in sorted({bucket_of[i] for i in idx}):
             group = [(i, it) for i, it in zip(idx, items) if bucket_of[i] == b]
             post = vae.encode(torch.stack([it["pixels"] for _, it in group]).to(device, dtype))
-            for j, (i, _) in enumerate(group):
-                out[f"mean.{i}"], out[f"std.{i}"] = post.mean[j].clone(), post.std[j].clone()
+            means.setdefault(b, []).append(post.mean.cpu())
+            stds.setdefault(b, []).append(post.std.cpu())
+            done = sum(len(m) for m in means[b]) - len(group)
+            rows[[i for i, _ in group]] = torch.arange(done, done + len(group))
         if text:
             context, pooled = encode_ids(encoders, tokenize(tokenizer, encoders, [it["caption"] for it in items],
                                                             device))
-            for j, i in enumerate(idx):
-                out[f"context.{i}"] = context[j]
-                if pooled is not None:
-                    out[f"pooled.{i}"] = pooled[j]
+            contexts.append(context.cpu())
+            if pooled is not None:
+                pooleds.append(pooled.cpu())
+    out = {"bucket": torch.tensor(bucket_of, dtype=torch.int64), "row": rows}
+    for b in means:
+        out[f"mean.{b}"], out[f"std.{b}"] = torch.cat(means[b]), torch.cat(stds[b])
     if text:
+        out["context"] = torch.cat(contexts)
         context, pooled = encode_ids(encoders, tokenize(tokenizer, encoders, [""], device))
-        out["context.empty"] = context[0]
-        if pooled is not None:
-            out["pooled.empty"] = pooled[0]
+        out["context.empty"] = context[0].cpu()
+        if pooleds:
+            out["pooled"], out["pooled.empty"] = torch.cat(pooleds), pooled[0].cpu()
     return out
 
 

@@ -45,7 +45,7 @@ class TrainConfig:
     caption_dropout: float = 0.1  # train on the empty prompt this often, so classifier-free guidance works
     min_snr_gamma: float = 0.0  # 0 = off; Hang et al. 2023 use 5
     offset_noise: float = 0.0  # 0 = off; 0.05-0.1 typical (Guttenberg 2023)
-    zero_terminal_snr: bool = False  # Lin et al. 2023; needs v_prediction
+    zero_terminal_snr: bool | None = None  # Lin et al. 2023, needs v_prediction; None = the model's (stored in it)
 
     # --- objective (vae mode) ---
     vae_recon: str = "l1"  # l1 | l2

@@ -132,9 +132,7 @@ def train(tc: TrainConfig) -> dict:
         disc = PatchDiscriminator().to(device)
         disc_opt = torch.optim.AdamW(disc.parameters(), lr=tc.lr, **adamw)
     T = cfg.num_train_timesteps
-    alphas_cumprod = schedules.alphas_cumprod(cfg.beta_start, cfg.beta_end, T)
-    if tc.zero_terminal_snr:
-        alphas_cumprod = schedules.rescale_zero_terminal_snr(alphas_cumprod)
+    alphas_cumprod = schedules.model_alphas_cumprod(cfg)
 
     # --- resume state (into the unwrapped modules, before prepare) -----------------------------------------
     step, epoch, position = 0, 0, 0

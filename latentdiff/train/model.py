@@ -49,7 +49,9 @@ def build_model(tc: TrainConfig) -> tuple[ModelConfig, dict]:
         cfg = replace(cfg, vae=vcfg.vae)  # with the scaling factor measured when the VAE was trained
         for t in modules["vae"].parameters():
             t.data = t.data.clone()
-    if tc.zero_terminal_snr and cfg.prediction_type != "v_prediction":
+    if tc.zero_terminal_snr is not None:
+        cfg = replace(cfg, zero_terminal_snr=tc.zero_terminal_snr)
+    if cfg.zero_terminal_snr and cfg.prediction_type != "v_prediction":
         raise ValueError("zero_terminal_snr=true needs prediction_type v_prediction (eps is undefined at SNR 0)")
     return cfg, modules
 
