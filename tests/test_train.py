@@ -95,6 +95,19 @@ def test_exact_resume(tmp_path):
                for i in sa["optimizer"]["state"])
 
 
+def test_resume_with_a_new_lr_uses_it(tmp_path):
+    """A resume with a changed lr / weight decay trains with the new values (the optimizer's saved groups would
+    otherwise bring back the old ones)."""
+    b = _cfg(tmp_path, run_name="lr", steps=4, save_every=0, stop_at_step=2, lr=1e-3, warmup_steps=0)
+    _train(b)
+    _train(from_dict({**b.to_dict(), "stop_at_step": 0, "resume": "latest", "lr": 1e-5, "weight_decay": 0.5}))
+    groups = checkpoint.load(checkpoint.latest(b.run_dir / "checkpoints"))["optimizer"]["param_groups"]
+    assert groups[0]["base_lr"] == 1e-5 and groups[0]["weight_decay"] == 0.5
+    assert 0 < groups[0]["lr"] <= 1e-5
+    lr = [json.loads(line)["lr"] for line in (b.run_dir / "log.jsonl").read_text().splitlines() if '"lr"' in line]
+    assert lr[-1] <= 1e-5 < lr[0], lr
+
+
 def test_sigkill_during_checkpoint_write(tmp_path):
     """Killed while writing step 6's checkpoint: step 3's is intact and the run resumes from it to the end."""
     cfg = _cfg(tmp_path, run_name="killed", steps=6, save_every=3)

@@ -145,7 +145,12 @@ def train(tc: TrainConfig) -> dict:
                 log.warning("resuming with changed options (checkpoint value, now): %s", changed)
         for k, m in trained.items():
             m.load_state_dict(state["model"][k])
+        # load_state_dict also restores each group's hyperparameters; the current config's win (a resume with
+        # a new lr or weight decay uses them, as the warning above says)
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         optimizer.load_state_dict(state["optimizer"])
+        for g, h in zip(optimizer.param_groups, hyper):
+            g.update(h)
         if ema is not None:
             ema.load_state_dict(state["ema"])
         if disc is not None:
