@@ -242,6 +242,18 @@ def test_bad_data(tmp_path, caplog):
     assert rec["skipped_images"] == 2
 
 
+def test_timestep_shift_draws_high_noise_more_often():
+    """timestep_shift s maps u ~ U(0, 1) to T s u / (1 + (s - 1) u): the median t goes from T/2 to T s/(s + 1)."""
+    from latentdiff.train.objective import draw
+
+    keys = torch.arange(4000)
+    plain, shifted = draw(keys, 0, (1, 1, 1), 1000), draw(keys, 0, (1, 1, 1), 1000, timestep_shift=3.0)
+    assert abs(plain["t"].float().median() - 500) < 30 and abs(shifted["t"].float().median() - 750) < 30
+    assert shifted["t"].min() >= 0 and shifted["t"].max() <= 999
+    with pytest.raises(ValueError, match="timestep_shift must be > 0"):
+        from_dict({"timestep_shift": 0})
+
+
 def test_config_overrides_and_errors():
     d = parse_overrides(["--lr=1e-4", "--steps", "7", "--buckets", "--validation_prompts=[a, b]"])
     cfg = from_dict(d)

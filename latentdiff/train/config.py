@@ -45,6 +45,7 @@ class TrainConfig:
     caption_dropout: float = 0.1  # train on the empty prompt this often, so classifier-free guidance works
     min_snr_gamma: float = 0.0  # 0 = off; Hang et al. 2023 use 5
     offset_noise: float = 0.0  # 0 = off; 0.05-0.1 typical (Guttenberg 2023)
+    timestep_shift: float = 1.0  # > 1: draw high-noise timesteps more often (t = T s u / (1 + (s - 1) u))
     zero_terminal_snr: bool | None = None  # Lin et al. 2023, needs v_prediction; None = the model's (stored in it)
 
     # --- objective (vae mode) ---
@@ -134,6 +135,8 @@ def check(c: TrainConfig) -> None:
             raise ValueError(f"{name} must be an integer >= 1, got {getattr(c, name)!r}")
     if not 0 <= c.caption_dropout <= 1:
         raise ValueError(f"caption_dropout must be in [0, 1], got {c.caption_dropout}")
+    if not c.timestep_shift > 0:
+        raise ValueError(f"timestep_shift must be > 0, got {c.timestep_shift}")
     if not 0 <= c.ema_decay < 1:
         raise ValueError(f"ema_decay must be in [0, 1), got {c.ema_decay}")
     if c.cache_dir and (c.random_crop or c.random_flip):

@@ -213,7 +213,7 @@ def train(tc: TrainConfig) -> dict:
     def unet_loss_of(batch) -> torch.Tensor:
         hw = batch["hw"][0]
         latent_shape = (cfg.vae.z_channels, hw[0] // f, hw[1] // f)
-        r = {k: v.to(device) for k, v in draw(batch["key"], tc.seed, latent_shape, T).items()}
+        r = {k: v.to(device) for k, v in draw(batch["key"], tc.seed, latent_shape, T, tc.timestep_shift).items()}
         drop = (r["drop"] < tc.caption_dropout).tolist()  # caption dropout: train on the empty prompt
         captions = ["" if d else c for c, d in zip(batch["caption"], drop)]
         with torch.no_grad():

@@ -13,14 +13,22 @@ from torch import nn
 from .data import NOISE, sample_generator
 
 
-def draw(keys: torch.Tensor, seed: int, latent_shape: tuple[int, int, int], T: int) -> dict[str, torch.Tensor]:
+def draw(keys: torch.Tensor, seed: int, latent_shape: tuple[int, int, int], T: int,
+         timestep_shift: float = 1.0) -> dict[str, torch.Tensor]:
     """Per-sample random numbers, always drawn in the same order: t (B,), drop (B,) uniform, vae_eps and noise
-    (B, C, h, w), offset (B, C, 1, 1)."""
+    (B, C, h, w), offset (B, C, 1, 1).
+
+    t is uniform in [0, T), or with timestep_shift s != 1 drawn as T * s u / (1 + (s - 1) u), u uniform: s > 1
+    trains the high-noise steps (where the layout is decided) more often, as SD3's / kohya's shifted sampling."""
     out = {"t": [], "drop": [], "vae_eps": [], "noise": [], "offset": []}
     c = latent_shape[0]
     for key in keys.tolist():
         g = sample_generator(seed, key, NOISE)
-        out["t"].append(torch.randint(0, T, (), generator=g))
+        if timestep_shift == 1.0:
+            out["t"].append(torch.randint(0, T, (), generator=g))
+        else:
+            u = torch.rand((), generator=g, dtype=torch.float64)
+            out["t"].append((T * timestep_shift * u / (1 + (timestep_shift - 1) * u)).long().clamp(max=T - 1))
         out["drop"].append(torch.rand((), generator=g))
         out["vae_eps"].append(torch.randn(latent_shape, generator=g))
         out["noise"].append(torch.randn(latent_shape, generator=g))
