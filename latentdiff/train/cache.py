@@ -77,6 +77,7 @@ def compute(dataset: data.ImageDataset, bucket_of, vae, encoders, tokenizer, bat
     """The tensors of a cache file (see Cache) for every image of the dataset."""
     n = len(dataset)
     means, stds, rows = {}, {}, torch.zeros(n, dtype=torch.int64)  # bucket -> [(b, C, h, w), ...]
+    filled = {}  # bucket -> rows written so far
     contexts, pooleds = [], []
     for s in range(0, n, batch_size):
         idx = list(range(s, min(n, s + batch_size)))
@@ -87,8 +88,9 @@ def compute(dataset: data.ImageDataset, bucket_of, vae, encoders, tokenizer, bat
             post = vae.encode(torch.stack([it["pixels"] for _, it in group]).to(device, dtype))
             means.setdefault(b, []).append(post.mean.cpu())
             stds.setdefault(b, []).append(post.std.cpu())
-            done = sum(len(m) for m in means[b]) - len(group)
+            done = filled.get(b, 0)
             rows[[i for i, _ in group]] = torch.arange(done, done + len(group))
+            filled[b] = done + len(group)
         if text:
             context, pooled = encode_ids(encoders, tokenize(tokenizer, encoders, [it["caption"] for it in items],
                                                             device))
