@@ -16,6 +16,6 @@ mkdir -p "$out"
 train emoji > "$out/emoji-train.log" 2>&1 &
 train shapes > "$out/shapes-train.log" 2>&1 &
 wait
-# Then, on a CPU (stage 3, commands in the model cards): the emoji VAE decoder was fine-tuned
-# (checkpoints/emoji.md), and the shapes U-Net + text encoder trained on (configs/train/shapes-cpu.yaml, then as a v-prediction model,
-# configs/train/shapes-v.yaml).
+# Then, on a CPU (commands in the model cards): the emoji VAE decoder was fine-tuned (checkpoints/emoji.md), and
+# the shapes U-Net + text encoder trained on (configs/train/shapes-cpu.yaml), then became a v-prediction model
+# (configs/train/shapes-v.yaml).

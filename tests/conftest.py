@@ -25,7 +25,7 @@ def perturb(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> None:
             p.add_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * std)
 
 
-def tiny_pipe(preset: str, seed: int = 0) -> latentdiff.Pipeline:
+def tiny_pipe(preset: str | latentdiff.ModelConfig, seed: int = 0) -> latentdiff.Pipeline:
     pipe = latentdiff.from_config(preset, seed=seed)
     for i, m in enumerate((pipe.unet, pipe.vae, pipe.text_encoders)):
         perturb(m, seed + i)

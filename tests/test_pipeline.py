@@ -183,11 +183,7 @@ def test_zero_terminal_snr_model_matches_diffusers(sampler, cls, tmp_path):
     import latentdiff
     from latentdiff.config import get_preset
 
-    from conftest import perturb
-
-    pipe = latentdiff.from_config(replace(get_preset("tiny-sd21_v"), zero_terminal_snr=True))
-    for i, m in enumerate((pipe.unet, pipe.vae, pipe.text_encoders)):
-        perturb(m, i)
+    pipe = tiny_pipe(replace(get_preset("tiny-sd21_v"), zero_terminal_snr=True))
     assert pipe.alphas_cumprod[-1] == 0
     ours = pipe(PROMPT, negative_prompt=NEG, guidance_scale=7.5, steps=10, seed=0, sampler=sampler,
                 height=64, width=64, output="latent", progress=False)
@@ -195,7 +191,7 @@ def test_zero_terminal_snr_model_matches_diffusers(sampler, cls, tmp_path):
     assert dpipe.scheduler.config.rescale_betas_zero_snr
     theirs = _diffusers_latents(dpipe, cls)
     assert rel_err(ours, theirs) < 1e-3, rel_err(ours, theirs)
-    plain = pipe.__class__(replace(pipe.cfg, zero_terminal_snr=False), pipe.unet, pipe.vae, pipe.text_encoders)
+    plain = latentdiff.Pipeline(replace(pipe.cfg, zero_terminal_snr=False), pipe.unet, pipe.vae, pipe.text_encoders)
     assert rel_err(plain(PROMPT, negative_prompt=NEG, guidance_scale=7.5, steps=10, seed=0, sampler=sampler,
                          height=64, width=64, output="latent", progress=False), theirs) > 1e-2
     pipe.save(tmp_path / "m.safetensors")

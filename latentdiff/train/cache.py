@@ -98,8 +98,8 @@ def compute(dataset: data.ImageDataset, bucket_of, vae, encoders, tokenizer, bat
             if pooled is not None:
                 pooleds.append(pooled.cpu())
     out = {"bucket": torch.tensor(bucket_of, dtype=torch.int64), "row": rows}
-    for b in means:
-        out[f"mean.{b}"], out[f"std.{b}"] = torch.cat(means[b]), torch.cat(stds[b])
+    for b, m in means.items():
+        out[f"mean.{b}"], out[f"std.{b}"] = torch.cat(m), torch.cat(stds[b])
     if text:
         out["context"] = torch.cat(contexts)
         context, pooled = encode_ids(encoders, tokenize(tokenizer, encoders, [""], device))
