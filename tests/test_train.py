@@ -345,6 +345,38 @@ def test_cpu_threads(monkeypatch):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("train_text_encoder", [False, True])
+def test_cache_fingerprint_follows_the_weights(tmp_path, train_text_encoder):
+    """The cache file is keyed by the weights that compute it: a new U-Net (another init file, another
+    prediction type) reuses the posteriors; a changed VAE, or a changed text encoder when text is cached, does
+    not."""
+    from latentdiff.train import cache
+
+    pipe = latentdiff.from_config("tiny-sd15")
+    tc = _cfg(tmp_path, train_text_encoder=train_text_encoder, init_from=str(tmp_path / "a.safetensors"))
+    records = [data.Record(f"img{i}.png", f"caption {i}", (32, 32)) for i in range(3)]
+    encoders = list(pipe.text_encoders)
+
+    def key(tc=tc, cfg=pipe.cfg):
+        return cache.fingerprint(tc, cfg, records, [(32, 32)], [0, 0, 0], pipe.vae, encoders)
+
+    base = key()
+    other_init = _cfg(tmp_path, train_text_encoder=train_text_encoder, init_from=str(tmp_path / "b.safetensors"))
+    with torch.no_grad():
+        next(pipe.unet.parameters()).add_(1.0)
+    assert key(other_init) == base
+    if train_text_encoder:  # the U-Net side of the config does not matter either
+        from dataclasses import replace
+        assert key(cfg=replace(pipe.cfg, prediction_type="v_prediction")) == base
+    with torch.no_grad():
+        next(encoders[0].parameters()).add_(1.0)
+    assert (key() == base) is train_text_encoder
+    changed = key()
+    with torch.no_grad():
+        next(pipe.vae.parameters()).add_(1.0)
+    assert key() != changed
+
+
 def test_cache_layout_with_two_buckets():
     """The cache holds one posterior tensor per bucket: every image reads back its own posterior and text
     embedding, in any batch order, and a batch that mixes buckets is refused."""

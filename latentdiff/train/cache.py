@@ -23,22 +23,27 @@ from .model import encode_ids, tokenize
 log = logging.getLogger("latentdiff.train")
 
 
-def fingerprint(tc, cfg, records: list[data.Record], buckets, bucket_of) -> str:
-    def source_id(path):
-        if path is None:
-            return None
-        p = Path(path)
-        st = p.stat()
-        return [str(p.resolve()), st.st_size, st.st_mtime_ns]
+def weights_hash(modules) -> str:
+    """sha256 of the modules' parameters and buffers (names, dtypes, shapes, bytes)."""
+    h = hashlib.sha256()
+    for i, m in enumerate(modules):
+        for name, t in m.state_dict().items():
+            t = t.detach().cpu().contiguous()
+            h.update(f"{i}.{name}:{t.dtype}:{tuple(t.shape)};".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
-    # posteriors depend on the VAE only: a run that changes just the U-Net side (prediction type, schedule)
-    # reuses the file; cached text embeddings depend on the whole model
-    model = cfg.to_json() if not tc.train_text_encoder else json.dumps(dataclasses.asdict(cfg.vae), sort_keys=True)
+
+def fingerprint(tc, cfg, records: list[data.Record], buckets, bucket_of, vae, encoders) -> str:
+    # The cached tensors depend on the weights that compute them, not on where those came from: posteriors on
+    # the VAE only (a run that changes just the U-Net side -- init file, prediction type, schedule -- reuses the
+    # file), cached text embeddings on the text encoders too. Hashing a 160 MB SD VAE takes well under a second.
+    text = not tc.train_text_encoder
+    model = cfg.to_json() if text else json.dumps(dataclasses.asdict(cfg.vae), sort_keys=True)
     ident = {
-        "model": model, "init_from": source_id(tc.init_from) if tc.init_from and Path(tc.init_from).is_file()
-        else tc.init_from, "vae_from": source_id(tc.vae_from), "scratch_seed": None if tc.init_from else tc.seed,
+        "model": model, "weights": weights_hash([vae, *encoders] if text else [vae]),
         "data": tc.data, "builtin": [tc.builtin_size, tc.seed] if tc.data.startswith("builtin:") else None,
-        "mixed_precision": tc.mixed_precision, "text": not tc.train_text_encoder, "layout": 2,
+        "mixed_precision": tc.mixed_precision, "text": text, "layout": 2,
         "records": [[r.source if isinstance(r.source, str) else i, r.caption, list(r.size), buckets[b]]
                     for i, (r, b) in enumerate(zip(records, bucket_of))],
     }
@@ -110,7 +115,8 @@ def compute(dataset: data.ImageDataset, bucket_of, vae, encoders, tokenizer, bat
 
 
 def build(tc, cfg, acc, dataset, bucket_of, vae, encoders, tokenizer, dtype) -> Cache:
-    path = Path(tc.cache_dir) / f"cache-{fingerprint(tc, cfg, dataset.records, dataset.buckets, bucket_of)}.safetensors"
+    key = fingerprint(tc, cfg, dataset.records, dataset.buckets, bucket_of, vae, encoders)
+    path = Path(tc.cache_dir) / f"cache-{key}.safetensors"
     with acc.main_process_first():  # the main process computes; the others wait at a barrier, then read
         if acc.is_main_process:
             if path.is_file():
