@@ -26,6 +26,7 @@ from .config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
 from .diffusers_format import text as text_fmt
 from .diffusers_format import unet as unet_fmt
 from .diffusers_format import vae as vae_fmt
+from .models.bpe import BPE
 from .weights import (CheckpointError, SafetensorsFile, build_modules, check_keys, resolve_prediction_type,
                       write_safetensors)
 
@@ -197,12 +198,10 @@ def _scheduler_config(cfg: ModelConfig) -> dict:
 
 def _write_tokenizer(d: Path, pad_token: str) -> None:
     """CLIP tokenizer files from open_clip's bundled BPE (the same vocabulary and merges)."""
-    from open_clip.tokenizer import SimpleTokenizer
-
-    tok = SimpleTokenizer()
+    bpe = BPE()
     rename = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
-    vocab = {rename.get(k, k): v for k, v in tok.encoder.items()}
-    merges = sorted(tok.bpe_ranks, key=tok.bpe_ranks.get)
+    vocab = {rename.get(k, k): v for k, v in bpe.encoder.items()}
+    merges = sorted(bpe.ranks, key=bpe.ranks.get)
     d.mkdir(parents=True)
     (d / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")

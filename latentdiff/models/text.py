@@ -15,19 +15,19 @@ from __future__ import annotations
 
 import math
 
-import open_clip
 import torch
 import transformers
 from torch import nn
 
 from latentdiff.config import TextEncoderConfig
+from latentdiff.models.bpe import BPE
 
 SOT_ID = 49406  # <start_of_text>
 EOT_ID = 49407  # <end_of_text>; CLIP-L also pads with it, OpenCLIP pads with 0
 
 
 class Tokenizer:
-    """CLIP BPE tokenizer (the vocabulary bundled with open_clip) with open_clip's text cleaning
+    """CLIP BPE tokenizer (the vocabulary bundled with open_clip; see bpe.py) with open_clip's text cleaning
     (ftfy, html-unescape twice, whitespace collapse, lower case).
 
     Padding is a model setting, not a token string: ``pad_id`` 49407 for CLIP-L, 0 for OpenCLIP. A "!"
@@ -38,7 +38,7 @@ class Tokenizer:
     eot_id = EOT_ID
 
     def __init__(self):
-        self._bpe = open_clip.tokenizer.SimpleTokenizer(clean="lower")
+        self._bpe = BPE()
 
     def encode(self, text: str) -> list[int]:
         """BPE ids of ``text``, without start / end tokens and without truncation."""
@@ -122,6 +122,8 @@ class OpenCLIPTextTower(nn.Module):
 
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
+        import open_clip  # here, not at the top: its import costs 2.6 s and only SD2 / SDXL use it
+
         acts = {"gelu": nn.GELU, "quick_gelu": open_clip.transformer.QuickGELU}
         if cfg.act not in acts:
             raise ValueError(f"text encoder act must be one of {sorted(acts)}, got {cfg.act!r}")
