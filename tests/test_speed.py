@@ -66,16 +66,30 @@ def _bf16_vs_fp32_unet_error() -> float:
 
 
 def test_bf16_fast_path_unet_call_close_to_fp32():
-    # measured 1.4e-2 here and 1.6e-2 on the full-size SD 1.5 U-Net with random weights (diffusers' bf16 U-Net:
-    # the same 1.6e-2); rounding the weights alone to bf16 gives 0.7e-2. > 1e-4: bf16 really ran.
+    # measured 1.5e-2 here and 1.6e-2 on the full-size SD 1.5 U-Net with random weights (diffusers' bf16 U-Net:
+    # the same 1.6e-2); rounding the weights alone to bf16 gives 0.7e-2, and autocast (fp32 norms and residual
+    # adds, bf16 convs and matmuls) gives exactly the same 1.5e-2. > 1e-4: bf16 really ran.
     err = _bf16_vs_fp32_unet_error()
     assert 1e-4 < err <= 2e-2, err
 
 
-@pytest.mark.xfail(strict=True, reason="issue #7 asks <= 1e-2; plain bf16 gives 1.4e-2 on random weights "
-                                       "(needs fp32 residual stream / norms, or trained weights to show less)")
-def test_bf16_fast_path_meets_the_issue_target():
-    assert _bf16_vs_fp32_unet_error() <= 1e-2
+@pytest.mark.parametrize("name", ["emoji", "shapes"])
+def test_bf16_unet_call_on_trained_weights_meets_the_issue_target(name):
+    """Issue #7: one bf16 U-Net call within 1e-2 relative L2 of fp32. Random weights overstate the error
+    (1.5e-2 above: every layer's rounding is amplified at unit gain); the trained SD1-layout U-Nets we ship give
+    2.7e-3 to 4.0e-3 (measured at t = 50 .. 999). Released SD 1.5 weights cannot be fetched here."""
+    pipe = latentdiff.load(name, dtype=torch.float32)
+    context = pipe.encode_prompt("a red apple" if name == "emoji" else "a large red circle at the top left")[0].context
+    fast = copy.deepcopy(pipe.unet).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    n = pipe.cfg.size // pipe.cfg.vae.downsample
+    for t in (999.0, 500.0, 50.0):
+        x = torch.randn(2, pipe.cfg.unet.in_channels, n, n, generator=g)  # x_t has unit variance
+        ts = torch.tensor([t, t])
+        with torch.inference_mode():
+            ref = pipe.unet(x, ts, context.expand(2, -1, -1))
+            out = fast(x.bfloat16(), ts, context.expand(2, -1, -1).bfloat16())
+        assert 1e-4 < _rel_l2(out, ref) <= 1e-2, (t, _rel_l2(out, ref))
 
 
 # --- tiled VAE decode -----------------------------------------------------------------------------------------
