@@ -68,8 +68,9 @@ def unet_inputs(cfg: UNetConfig, size: int, batch: int, dtype: torch.dtype, chan
     return x, t, context
 
 
-def unet_flops(cfg: UNetConfig, size: int, batch: int) -> int:
-    """FLOPs of one U-Net call (matmuls, convs, attention; counted on the meta device, nothing runs)."""
+def unet_flops(cfg: UNetConfig, size: int, batch: int, by_op: bool = False) -> int | dict:
+    """FLOPs of one U-Net call (matmuls, convs, attention; counted on the meta device, nothing runs); with
+    by_op, {aten op: FLOPs}."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
@@ -79,4 +80,4 @@ def unet_flops(cfg: UNetConfig, size: int, batch: int) -> int:
         context = torch.empty(batch, 77, cfg.context_dim)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         unet(x, t, context)
-    return counter.get_total_flops()
+    return counter.get_flop_counts()["Global"] if by_op else counter.get_total_flops()

@@ -7,7 +7,9 @@ Both libraries hold the very same weight tensors (diffusers' model is filled fro
 ``latentdiff.diffusers_format.unet.to_diffusers``). Variants run in rounds, A B C A B C ..., so drift of a noisy
 machine hits all of them alike; medians are printed, then each variant's ratio to the last one (the yardstick,
 by default diffusers fp32). A variant is ``lib:dtype[:cl]``: lib ours | diffusers, dtype fp32 | bf16 | fp16,
-``cl`` = channels-last memory format for weights and input.
+``cl`` = channels-last memory format for weights and input. ``--profile VARIANT`` then profiles one call of
+that variant and prints where its time goes: convolutions, linear layers, attention and everything else, each
+with its share of the time and its achieved GFLOP/s.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed rounds (after one warm-up round)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--variants", nargs="+", default=["ours:fp32", "diffusers:fp32"])
+    p.add_argument("--profile", metavar="VARIANT", help="one of --variants: break one call down by op kind")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -81,6 +84,38 @@ def main(argv=None) -> None:
         rel = (outs[n] - outs[ref]).norm() / outs[ref].norm()
         print(f"{n:<18} {med:9.3f} {min(times[n]):7.3f} {flops / med / 1e12:8.3f} "
               f"{med / statistics.median(times[ref]):21.3f}x {rel.item():18.2e}")
+    if a.profile:
+        profile(lambda: call(a.profile), unet_flops(cfg, a.size, a.batch, by_op=True))
+
+
+# op kind of an aten op (profiler name "aten::x" or flop-counter name "aten.x"); the rest is "other"
+# (attention first: "baddbmm" contains "addmm")
+KINDS = {"conv": ("convolution",), "attention": ("scaled_dot_product", "flash_attention", "bmm"),
+         "linear": ("addmm", "aten::mm", "aten.mm")}
+
+
+def kind_of(op: str) -> str:
+    return next((k for k, keys in KINDS.items() if any(key in op for key in keys)), "other")
+
+
+def profile(call, flops_by_op: dict) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        call()
+    seconds = dict.fromkeys([*KINDS, "other"], 0.0)
+    for e in prof.key_averages():
+        if e.key.startswith("aten::"):
+            seconds[kind_of(e.key)] += e.self_cpu_time_total / 1e6
+    flops = dict.fromkeys(seconds, 0)
+    for op, f in flops_by_op.items():
+        flops[kind_of(str(op))] += f
+    total = sum(seconds.values())
+    print(f"\nwhere the time of one call goes ({total:.2f} s of aten ops, profiled):")
+    for k, s in seconds.items():
+        rate = f"{flops[k] / s / 1e9:7.1f} GFLOP/s" if flops[k] and s else ""
+        print(f"  {k:<10} {s:7.3f} s {100 * s / total:5.1f}%  {flops[k] / 1e9:7.1f} GFLOP {rate}")
 
 
 if __name__ == "__main__":
