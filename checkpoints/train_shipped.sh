@@ -18,4 +18,4 @@ train shapes > "$out/shapes-train.log" 2>&1 &
 wait
 # Then, on a CPU (commands in the model cards): the emoji VAE decoder was fine-tuned (checkpoints/emoji.md), and
 # the shapes U-Net + text encoder trained on (configs/train/shapes-cpu.yaml), then became a v-prediction model
-# (configs/train/shapes-v.yaml).
+# (configs/train/shapes-v.yaml), then trained on with "left" / "right" split apart (configs/train/shapes-v5.yaml).
