@@ -40,8 +40,8 @@ def clean(text: str) -> str:
 
 
 class BPE:
-    def __init__(self, path: Path | None = None):
-        lines = gzip.open(path or vocab_file()).read().decode("utf-8").split("\n")
+    def __init__(self):
+        lines = gzip.open(vocab_file()).read().decode("utf-8").split("\n")
         merges = [tuple(line.split()) for line in lines[1:N_MERGES + 1]]
         byte_chars = list(bytes_to_unicode().values())
         vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges] + list(SPECIAL)
