@@ -9,8 +9,7 @@ see benchmarks/bench_unet_step.py and the README's performance table:
   Measured (medians of 4, quiet machine): fp32 2.94 s, bf16 1.35 s per call (0.27 TFLOP/s).
 - channels-last does not pay here (bf16 1.41 s, fp32 3.17 s with it), so it is not applied.
 - torch.compile (inductor, default mode) does not pay either: 103 s to compile, then 1.53 s per bf16 call against
-  1.30 s eager (medians of 3). With inductor's weight freezing it does: 78 s to compile, then 0.96 s against
-  1.33 s eager (medians of 4); that is `Pipeline.compile()`, opt-in because of the compile time.
+  1.30 s eager (medians of 3), so it is left to the caller.
 `dtype=torch.float32` is the exact path: bit-for-bit what the parity tests check.
 """
 from __future__ import annotations
