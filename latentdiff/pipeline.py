@@ -49,7 +49,6 @@ class Pipeline:
         self.offload = False  # see enable_offload()
         self.tile_decode_above = 128  # latent side above which decode() tiles (1024 px for SD)
         self._prompt_cache: dict[tuple, tuple[Conditioning, Conditioning]] = {}  # repeated prompts: encode once
-        self._compiled_unet = None  # see compile()
 
     # --- conditioning -------------------------------------------------------------------------------------
 
@@ -90,8 +89,7 @@ class Pipeline:
 
     def _unet_fn(self, x, t, context, y=None):
         # Latents stay fp32 in the sampler; the U-Net runs in the pipeline dtype.
-        unet = self.unet if self._compiled_unet is None else self._compiled_unet
-        return unet(x.to(self.dtype), t.to(x.device), context, y).float()
+        return self.unet(x.to(self.dtype), t.to(x.device), context, y).float()
 
     # --- generation ---------------------------------------------------------------------------------------
 
@@ -268,18 +266,8 @@ class Pipeline:
         finally:
             module.to("cpu")
 
-    def compile(self) -> "Pipeline":
-        """torch.compile the U-Net (inductor) with weight freezing: the weights become constants, so oneDNN
-        gets them pre-packed. Measured on the 2-core AVX-512-bf16 CPU, SD 1.5 U-Net, 256x256, bf16, batch 2:
-        1.33 s -> 0.96 s per call (medians of 4), after 78 s of compiling on the first call, and again for each
-        new image size or batch. Inference only; `to()` and `enable_offload()` drop it (the weights are baked
-        in), call compile() again after them."""
-        self._compiled_unet = torch.compile(self.unet, options={"freezing": True})
-        return self
-
     def enable_offload(self) -> "Pipeline":
         """Keep the models on the CPU between uses (GPUs with little memory); see `_on_device`."""
-        self._compiled_unet = None
         self.offload = True
         for m in (self.unet, self.vae, self.text_encoders):
             m.to("cpu")
@@ -289,7 +277,6 @@ class Pipeline:
         self.device = torch.device(device) if device is not None else self.device
         self.dtype = dtype or self.dtype
         self._prompt_cache.clear()
-        self._compiled_unet = None
         for m in (self.unet, self.vae, self.text_encoders):
             m.to(self.device, self.dtype)
         return self
