@@ -43,11 +43,11 @@ class BPE:
     def __init__(self):
         lines = gzip.open(vocab_file()).read().decode("utf-8").split("\n")
         merges = [tuple(line.split()) for line in lines[1:N_MERGES + 1]]
-        byte_chars = list(bytes_to_unicode().values())
+        self.byte_encoder = bytes_to_unicode()
+        byte_chars = list(self.byte_encoder.values())
         vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges] + list(SPECIAL)
         self.encoder = {tok: i for i, tok in enumerate(vocab)}  # 49408 entries
         self.ranks = {m: i for i, m in enumerate(merges)}
-        self.byte_encoder = bytes_to_unicode()
         self.pat = regex.compile("|".join(SPECIAL) + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
                                  regex.IGNORECASE)
         self.word = functools.lru_cache(maxsize=65536)(self._word)
