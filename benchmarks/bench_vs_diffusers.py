@@ -11,10 +11,10 @@ latentdiff's `Pipeline.save(format="diffusers")`, since diffusers cannot read a 
 hub config). latentdiff loads the single file, diffusers `from_pretrained(folder)`.
 
 Each run is its own process (peak RSS = the child's ru_maxrss), alternating A B A B. Each child loads, makes
-one warm-up image (oneDNN picks kernels on first use) and then the timed image. s/step is the time inside the
-U-Net over the steps; FLOPs per U-Net call are counted once with torch.utils.flop_counter; the bf16 and fp32
-matmul and 3x3-conv peaks are measured in the same run (benchmarks/_peaks.py). The machine may be shared and
-noisy: all figures are medians.
+one warm-up image (oneDNN picks kernels on first use; with --compile, torch.compile compiles) and then the timed
+image. s/step is the time inside the U-Net over the steps; FLOPs per U-Net call are counted once with
+torch.utils.flop_counter; the bf16 and fp32 matmul and 3x3-conv peaks are measured in the same run
+(benchmarks/_peaks.py). The machine may be shared and noisy: all figures are medians.
 """
 from __future__ import annotations
 
@@ -86,6 +86,8 @@ def worker(a) -> dict:
 
         dtype = speed.default_dtype("cpu") if a.dtype == "auto" else dtypes[a.dtype]
         pipe = latentdiff.load(a.checkpoint, dtype=dtype)
+        if a.compile:
+            pipe.compile()  # compiles during the first image: its extra time is reported as compile_s
 
         def generate():
             return pipe(PROMPT, guidance_scale=a.guidance, steps=a.steps, sampler=a.sampler, height=a.size,
@@ -104,16 +106,21 @@ def worker(a) -> dict:
             return pipe(PROMPT, guidance_scale=a.guidance, num_inference_steps=a.steps, height=a.size,
                         width=a.size, generator=torch.Generator("cpu").manual_seed(0)).images[0]
     load_s = time.perf_counter() - t0
-    timer = UNetTimer(pipe.unet)
+    compiled = getattr(pipe, "_compiled_unet", None)  # ours after pipe.compile(): time the compiled module
+    timer = UNetTimer(pipe.unet if compiled is None else compiled)
+    warmup_s = 0.0
     if a.warmup:
+        t0 = time.perf_counter()
         generate()
+        warmup_s = time.perf_counter() - t0
     timer.total, timer.calls = 0.0, 0
     t0 = time.perf_counter()
     image = generate()
     image_s = time.perf_counter() - t0
     image.save(Path(a.out_dir) / f"{a.worker}.png")
     return {"load_s": load_s, "image_s": image_s, "unet_s": timer.total, "unet_calls": timer.calls,
-            "step_s": timer.total / a.steps, "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "step_s": timer.total / a.steps, "compile_s": warmup_s - image_s if a.compile else 0.0,
+            "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "dtype": str(dtype).removeprefix("torch.")}
 
 
@@ -124,6 +131,8 @@ def run_child(side: str, a, dtype: str, checkpoint: Path, folder: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", side, "--dtype", dtype, "--checkpoint", str(checkpoint),
            "--folder", str(folder), "--size", str(a.size), "--steps", str(a.steps), "--sampler", a.sampler,
            "--guidance", str(a.guidance), "--warmup", str(a.warmup), "--out-dir", str(a.out_dir)]
+    if a.compile and side == "ours":
+        cmd.append("--compile")
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode:
         raise SystemExit(f"{side} run failed:\n{res.stderr[-3000:]}")
@@ -142,6 +151,9 @@ def main(argv=None) -> None:
     p.add_argument("--diffusers-dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--repeats", type=int, default=2, help="A B pairs")
     p.add_argument("--warmup", type=int, default=1, choices=[0, 1], help="one untimed image per process first")
+    p.add_argument("--compile", action="store_true",
+                   help="latentdiff side: pipe.compile() (torch.compile with weight freezing); needs --warmup 1, "
+                        "its compile time is the warm-up image's extra time")
     p.add_argument("--checkpoint", default=None, help="an SD 1.5-architecture single file (default: random)")
     p.add_argument("--folder", default=None, help="the same weights as a diffusers folder")
     p.add_argument("--out-dir", default=None, help="where each side's last image goes")
@@ -151,6 +163,8 @@ def main(argv=None) -> None:
     a.size = a.size or (512 if a.full else 256)
     a.steps = a.steps or (20 if a.full else 8)
     a.out_dir = Path(a.out_dir or CACHE / "images")
+    if a.compile and not a.warmup:
+        p.error("--compile needs --warmup 1 (the first image compiles)")
     if a.worker:
         print(json.dumps(worker(a)))
         return
@@ -187,7 +201,8 @@ def main(argv=None) -> None:
             res = run_child(side, a, dtype, checkpoint, folder)
             runs[side].append(res)
             print(f"repeat {r}: {side:9s} {res['dtype']:8s} load {res['load_s']:6.1f} s  image {res['image_s']:6.1f} s"
-                  f"  step {res['step_s']:6.2f} s  peak RSS {res['rss_gb']:5.2f} GB", flush=True)
+                  f"  step {res['step_s']:6.2f} s  peak RSS {res['rss_gb']:5.2f} GB"
+                  + (f"  compile {res['compile_s']:5.1f} s" if res["compile_s"] else ""), flush=True)
     peaks_after = measure_peaks()
     peaks = {k: max(v, peaks_after[k]) for k, v in peaks.items()}
 

@@ -131,6 +131,26 @@ def test_tiled_decode_rejects_bad_overlap(vae):
 # --- chunked attention ----------------------------------------------------------------------------------------
 
 
+def test_compiled_unet_gives_the_same_images():
+    """Pipeline.compile(): the compiled U-Net gives the eager latents (fp32); its weights are frozen into the
+    compiled code (changing a parameter afterwards changes eager results, not compiled ones: that is what tells
+    freezing happened); `to()` drops it."""
+    from conftest import tiny_pipe
+
+    pipe = tiny_pipe("tiny-sd15")
+    kw = dict(steps=3, height=64, width=64, seed=0, output="latent", progress=False)
+    eager = pipe("a red apple", **kw)
+    pipe.compile()
+    compiled = pipe("a red apple", **kw)
+    assert _rel_l2(compiled, eager) < 1e-4, _rel_l2(compiled, eager)
+    with torch.no_grad():
+        pipe.unet.out[2].weight.mul_(2)  # the last conv: the eager prediction changes
+    assert _rel_l2(pipe("a red apple", **kw), compiled) < 1e-4  # frozen: the old weights
+    pipe.to("cpu")
+    assert pipe._compiled_unet is None
+    assert _rel_l2(pipe("a red apple", **kw), eager) > 1e-2  # eager again: the new weights
+
+
 def test_chunked_attention_equals_full(monkeypatch):
     g = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(2, 3, n, 16, generator=g) for n in (100, 77, 77))
