@@ -1,18 +1,23 @@
-"""`latentdiff eval shapes | vae`: how well a model follows its prompts, and how well its VAE reconstructs.
+"""`latentdiff eval shapes | emoji | vae`: how well a model follows its prompts, and how well its VAE reconstructs.
 
     latentdiff eval shapes [--model shapes] [--seeds 4] [--guidance 1 3 5 7.5] [--steps N] [--sampler S]
                            [--dtype fp32|bf16]
+    latentdiff eval emoji [--model emoji] [--seeds 2] [--guidance ...] [--steps N] [--sampler S]
     latentdiff eval vae [--model emoji] [--dtype fp32|bf16]
 
 `eval shapes` generates every caption of `shapes.eval_fixed_captions()` (8 per kind, held-in then held-out)
 once per seed, scores each image with the deterministic checker `shapes.check`, and prints, per guidance
 scale, the share of images that are fully correct and each attribute's accuracy, held-in vs held-out.
+`eval emoji` generates a fixed set of emoji names (held-in and held-out) and counts an image as the named emoji
+when, among all 3,145 vendored icons, the nearest one in colour layout (`emoji_rank`) carries that name (any skin
+tone): a pixel-space proxy for "recognisable", blind to anything finer than 4x4 pixels.
 `eval vae` prints the VAE's reconstruction PSNR on data the model never trained on: the held-out emoji split,
 or 500 held-out shapes scenes.
 """
 from __future__ import annotations
 
 import argparse
+import re
 import time
 
 import numpy as np
@@ -76,6 +81,76 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+# --- emoji: is the image the named emoji? ---------------------------------------------------------------------
+
+EMOJI_EVERY = {False: 25, True: 2}  # every 25th held-in name (61 of 1,515), every 2nd held-out name (40 of 80)
+EMOJI_GRID = 16  # icons compared as 16x16 colour layouts (4x4 pixel means)
+
+
+def emoji_base(caption: str) -> str:
+    """'woman mage, light skin tone' -> 'woman mage': every skin tone is the same emoji."""
+    return re.sub(r", [a-z-]+ skin tone$", "", caption)
+
+
+def emoji_eval_names() -> list[tuple[str, bool]]:
+    """(name, held_out): every EMOJI_EVERY-th distinct name of each split, sorted; held-in first."""
+    from .data.emoji import load_emoji
+
+    out = []
+    for held_out in (False, True):
+        names = sorted({emoji_base(c) for c in load_emoji("held_out" if held_out else "train")[1]})
+        out += [(n, held_out) for n in names[::EMOJI_EVERY[held_out]]]
+    return out
+
+
+def _layout(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, 64, 64, 3) -> float32 (N, 16 * 16 * 3) in [0, 1]: 4x4 pixel means."""
+    n, k = len(images), images.shape[1] // EMOJI_GRID
+    return images.reshape(n, EMOJI_GRID, k, EMOJI_GRID, k, 3).mean((2, 4)).reshape(n, -1).astype(np.float32) / 255
+
+
+class EmojiGallery:
+    """All vendored icons (train and held-out) as colour layouts, with their skin-tone-free names."""
+
+    def __init__(self):
+        from .data.emoji import load_emoji
+
+        images, captions = load_emoji("all")
+        self.names = np.array([emoji_base(c) for c in captions])
+        self.layouts = _layout(images)
+
+    def rank(self, image: np.ndarray, name: str) -> int:
+        """0 if the icon nearest to `image` (uint8 (64, 64, 3)) is `name`, else how many other emoji names have an
+        icon nearer than `name`'s nearest."""
+        if name not in self.names:
+            raise ValueError(f"{name!r} is not an emoji name")
+        d = ((self.layouts - _layout(image[None])) ** 2).sum(1)  # (N,)
+        own = d[self.names == name].min()
+        return len(set(self.names[d < own]))
+
+
+def evaluate_emoji(pipe, names: list[tuple[str, bool]] | None = None, seeds=(0, 1),
+                   guidance_scale: float | None = None, steps: int | None = None, sampler: str | None = None) -> dict:
+    """Generate every (name, held_out) once per seed and rank it against the gallery (see `EmojiGallery.rank`).
+    Returns {"results": [{"name", "seed", "held_out", "rank"}], "summary": {"top1" | "top5": {split: fraction}},
+    "seconds"}."""
+    names = emoji_eval_names() if names is None else list(names)
+    gallery, results, start = EmojiGallery(), [], time.perf_counter()
+    for seed in seeds:
+        images = pipe([n for n, _ in names], seed=seed, guidance_scale=guidance_scale, steps=steps, sampler=sampler,
+                      progress=False)
+        for (name, held_out), image in zip(names, images, strict=True):
+            rank = gallery.rank(np.asarray(image.convert("RGB")), name)
+            results.append({"name": name, "seed": seed, "held_out": held_out, "rank": rank})
+    summary = {}
+    for row, k in (("top1", 1), ("top5", 5)):
+        summary[row] = {}
+        for split in SPLITS:
+            picked = [r["rank"] < k for r in results if split == "all" or r["held_out"] == (split == "held_out")]
+            summary[row][split] = sum(picked) / len(picked) if picked else None
+    return {"results": results, "summary": summary, "seconds": time.perf_counter() - start}
+
+
 def vae_psnr(vae, images: np.ndarray, batch_size: int = 100) -> float:
     """Mean per-image PSNR (dB, 8-bit) of VAE round trips (posterior mean) of uint8 images (N, H, W, 3)."""
     param = next(vae.parameters())
@@ -107,9 +182,9 @@ def main(argv: list[str] | None = None) -> None:
 
     p = argparse.ArgumentParser(prog="latentdiff eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["shapes", "vae"])
-    p.add_argument("--model", default=None, help="checkpoint or shipped name (shapes: shapes; vae: emoji)")
-    p.add_argument("--seeds", type=int, default=4, help="images per caption (seeds 0 .. N-1)")
+    p.add_argument("what", choices=["shapes", "emoji", "vae"])
+    p.add_argument("--model", default=None, help="checkpoint or shipped name (default: shapes / emoji / emoji)")
+    p.add_argument("--seeds", type=int, default=None, help="images per caption, seeds 0 .. N-1 (shapes 4, emoji 2)")
     p.add_argument("--guidance", type=float, nargs="+", default=[None], help="one or more guidance scales")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--sampler", default=None)
@@ -117,16 +192,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
     model = a.model or ("shapes" if a.what == "shapes" else "emoji")
+    seeds = range(a.seeds or (4 if a.what == "shapes" else 2))
     pipe = latentdiff.load(model, device=a.device, dtype=DTYPES[a.dtype] if a.dtype else None)
 
     if a.what == "vae":
         images, what = _held_out_images("emoji" if "emoji" in str(model) else "shapes")
         print(f"VAE of {pipe.source}: PSNR {vae_psnr(pipe.vae, images):.2f} dB on {what} ({pipe.dtype})")
         return
-    captions = shapes.eval_fixed_captions()
     for g in a.guidance:
-        out = evaluate_shapes(pipe, captions, range(a.seeds), g, a.steps, a.sampler)
+        if a.what == "emoji":
+            out = evaluate_emoji(pipe, None, seeds, g, a.steps, a.sampler)
+            what = f"{len(out['results']) // len(seeds)} emoji names"
+        else:
+            out = evaluate_shapes(pipe, None, seeds, g, a.steps, a.sampler)
+            what = f"{len(out['results']) // len(seeds)} captions"
         print(f"{pipe.source}: guidance {g if g is not None else pipe.cfg.guidance_scale}, "
               f"{a.steps or pipe.cfg.steps} steps {a.sampler or pipe.cfg.sampler}, {pipe.dtype}; "
-              f"{len(captions)} captions x {a.seeds} seeds = {len(out['results'])} images in {out['seconds']:.0f} s")
+              f"{what} x {len(seeds)} seeds = {len(out['results'])} images in {out['seconds']:.0f} s")
         print(format_summary(out["summary"]))

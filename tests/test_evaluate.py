@@ -58,6 +58,46 @@ class ShiftVAE(torch.nn.Module):
         return z + self.shift
 
 
+class IconPipe:
+    """A fake pipe that "generates" each emoji name as its first vendored icon, shifted and noised (seeded)."""
+
+    def __init__(self, shift: int, noise: float):
+        from latentdiff.data.emoji import load_emoji
+
+        images, captions = load_emoji("all")
+        self.icons = {}
+        for image, caption in zip(images, captions):
+            self.icons.setdefault(evaluate.emoji_base(caption), image)
+        self.shift, self.noise = shift, noise
+
+    def __call__(self, prompts, seed=0, **kw):
+        rng = np.random.default_rng(seed)
+        out = []
+        for p in prompts:
+            x = np.roll(self.icons[p].astype(np.float32), (self.shift, -self.shift), axis=(0, 1))
+            out.append(Image.fromarray(np.clip(x + rng.normal(0, self.noise, x.shape), 0, 255).astype(np.uint8)))
+        return out
+
+
+def test_emoji_ranker_recognises_the_icons_themselves():
+    names = evaluate.emoji_eval_names()
+    assert len(names) == 61 + 40 and sum(h for _, h in names) == 40
+    exact = evaluate.evaluate_emoji(IconPipe(0, 0), names, seeds=(0,))
+    assert all(r["rank"] == 0 for r in exact["results"])
+    # moved 2 px right and up, 8-bit noise of sd 12: still the nearest icon for most names (measured 0.93)
+    moved = evaluate.evaluate_emoji(IconPipe(2, 12), names, seeds=(0, 1))
+    assert moved["summary"]["top1"]["all"] >= 0.9, moved["summary"]
+    assert moved["summary"]["top5"]["all"] >= moved["summary"]["top1"]["all"]
+
+
+def test_emoji_ranker_on_blank_images_and_unknown_names():
+    out = evaluate.evaluate_emoji(blank_pipe, seeds=(0,))
+    assert out["summary"]["top1"]["all"] <= 0.02, out["summary"]
+    assert min(r["rank"] for r in out["results"]) >= 0
+    with pytest.raises(ValueError, match="'red aple' is not an emoji name"):
+        evaluate.EmojiGallery().rank(np.zeros((64, 64, 3), np.uint8), "red aple")
+
+
 def test_vae_psnr():
     images = np.random.default_rng(0).integers(64, 192, (5, 64, 64, 3), dtype=np.uint8)
     assert evaluate.vae_psnr(ShiftVAE(0), images, batch_size=2) > 100  # exact: mse clamped at 1e-10
@@ -72,6 +112,14 @@ def test_eval_shapes_cli_on_the_shipped_model(capsys):
     rows = re.findall(r"^  (\S+)\s+([\d.]+%|-)\s+([\d.]+%|-)\s+([\d.]+%|-)$", out, re.M)
     names = [r[0] for r in rows]
     assert names[:2] == ["correct", "single"] and "relation.relation" in names and len(names) == 2 * 17, out
+
+
+def test_eval_emoji_cli_on_the_shipped_model(capsys):
+    evaluate.main(["emoji", "--seeds", "1", "--steps", "2"])
+    out = capsys.readouterr().out
+    assert re.search(r"guidance [\d.]+, 2 steps .*101 emoji names x 1 seeds = 101 images", out), out
+    rows = re.findall(r"^  (top[15])\s+([\d.]+%)\s+([\d.]+%)\s+([\d.]+%)$", out, re.M)
+    assert [r[0] for r in rows] == ["top1", "top5"], out
 
 
 def test_shipped_shapes_model_sanity_floor():
