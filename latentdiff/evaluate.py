@@ -119,14 +119,20 @@ class EmojiGallery:
         self.names = np.array([emoji_base(c) for c in captions])
         self.layouts = _layout(images)
 
+    def distances(self, image: np.ndarray) -> np.ndarray:
+        """(N,) squared distances of every icon's colour layout to that of `image` (uint8 (64, 64, 3))."""
+        return ((self.layouts - _layout(image[None])) ** 2).sum(1)
+
     def rank(self, image: np.ndarray, name: str) -> int:
-        """0 if the icon nearest to `image` (uint8 (64, 64, 3)) is `name`, else how many other emoji names have an
-        icon nearer than `name`'s nearest."""
+        """0 if the icon nearest to `image` is `name`, else how many other emoji names have an icon nearer than
+        `name`'s nearest."""
         if name not in self.names:
             raise ValueError(f"{name!r} is not an emoji name")
-        d = ((self.layouts - _layout(image[None])) ** 2).sum(1)  # (N,)
-        own = d[self.names == name].min()
-        return len(set(self.names[d < own]))
+        d = self.distances(image)
+        return len(set(self.names[d < d[self.names == name].min()]))
+
+    def nearest(self, image: np.ndarray) -> str:
+        return str(self.names[self.distances(image).argmin()])
 
 
 def evaluate_emoji(pipe, names: list[tuple[str, bool]] | None = None, seeds=(0, 1),

@@ -84,6 +84,10 @@ def test_emoji_ranker_recognises_the_icons_themselves():
     assert len(names) == 61 + 40 and sum(h for _, h in names) == 40
     exact = evaluate.evaluate_emoji(IconPipe(0, 0), names, seeds=(0,))
     assert all(r["rank"] == 0 for r in exact["results"])
+    gallery = evaluate.EmojiGallery()
+    icon = np.asarray(IconPipe(0, 0)(["red apple"])[0])
+    assert gallery.nearest(icon) == "red apple" and gallery.rank(icon, "red apple") == 0
+    assert gallery.rank(icon, "green apple") > 0
     # moved 2 px right and up, 8-bit noise of sd 12: still the nearest icon for most names (measured 0.93)
     moved = evaluate.evaluate_emoji(IconPipe(2, 12), names, seeds=(0, 1))
     assert moved["summary"]["top1"]["all"] >= 0.9, moved["summary"]
