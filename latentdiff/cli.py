@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     b.set_defaults(func=lambda a: __import__("latentdiff.bench", fromlist=["main"]).main(a.args))
 
     e = sub.add_parser("eval", add_help=False,
-                       help="evaluate the shipped models: eval shapes | emoji [options] | eval vae [--model emoji|shapes]")
+                       help="evaluate the shipped models: eval shapes | emoji [options] | "
+                            "eval vae [--model emoji|shapes]")
     e.add_argument("args", nargs=argparse.REMAINDER)
     e.set_defaults(func=lambda a: __import__("latentdiff.evaluate", fromlist=["main"]).main(a.args))
 

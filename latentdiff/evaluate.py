@@ -9,7 +9,7 @@
 once per seed, scores each image with the deterministic checker `shapes.check`, and prints, per guidance
 scale, the share of images that are fully correct and each attribute's accuracy, held-in vs held-out.
 `eval emoji` generates a fixed set of emoji names (held-in and held-out) and counts an image as the named emoji
-when, among all 3,145 vendored icons, the nearest one in colour layout (`emoji_rank`) carries that name (any skin
+when, among all 3,145 vendored icons, the nearest one in colour layout (`EmojiGallery.rank`) carries that name (any skin
 tone): a pixel-space proxy for "recognisable", blind to anything finer than 4x4 pixels.
 `eval vae` prints the VAE's reconstruction PSNR on data the model never trained on: the held-out emoji split,
 or 500 held-out shapes scenes.
