@@ -10,7 +10,7 @@ see benchmarks/bench_unet_step.py and the README's performance table:
 - channels-last does not pay here (bf16 1.41 s, fp32 3.17 s with it), so it is not applied.
 - torch.compile (inductor, default mode) does not pay: 103 s to compile, then 1.53 s per bf16 call against
   1.30 s eager (medians of 3). With inductor's weight freezing it does: a U-Net call 1.20 s -> 0.98 s (73 s to
-  compile), 1.07 s per step end to end (Pipeline.compile(), opt-in for its compile time and memory). Freezing
+  compile), 1.02-1.07 s per step end to end (Pipeline.compile(), opt-in for its compile time and memory). Freezing
   must be set in inductor's global config while it compiles: `torch.compile(m, options={"freezing": True})`
   compiled without it (35 s, then 1.62 s against 1.39 s eager).
 `dtype=torch.float32` is the exact path: bit-for-bit what the parity tests check.
