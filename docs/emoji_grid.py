@@ -7,15 +7,13 @@ icon carries that name, "top 5" when one of the 5 nearest names does, else the n
 from __future__ import annotations
 
 import argparse
-import textwrap
 
 import numpy as np
-from PIL import Image, ImageDraw
+from _grid import labelled_grid
 
 import latentdiff
 from latentdiff import evaluate
 
-TILE, LABEL = 128, 40  # pixels per image (64 x 2, nearest) and for its caption below
 PROMPTS = [
     "red apple", "rocket", "woman mage, light skin tone", "grinning face", "red heart", "pizza", "cat face",
     "dog face", "sun", "star", "fire", "thumbs up", "thumbs up, medium skin tone", "face with tears of joy",
@@ -34,21 +32,15 @@ def main() -> None:
     prompts = PROMPTS + HELD_OUT
     images = pipe(prompts, seed=0, progress=False)
     gallery = evaluate.EmojiGallery()
-    cols, rows = 8, len(prompts) // 8
-    grid = Image.new("RGB", (cols * TILE, rows * (TILE + LABEL)), "white")
-    draw = ImageDraw.Draw(grid)
-    recognised = top5 = 0
-    for k, (prompt, im) in enumerate(zip(prompts, images)):
+    labels, recognised, top5 = [], 0, 0
+    for prompt, im in zip(prompts, images):
         pixels = np.asarray(im.convert("RGB"))
-        name = evaluate.emoji_base(prompt)
-        rank = gallery.rank(pixels, name)
+        rank = gallery.rank(pixels, evaluate.emoji_base(prompt))
         recognised += rank == 0
         top5 += rank < 5
-        x, y = (k % cols) * TILE, (k // cols) * (TILE + LABEL)
-        grid.paste(im.resize((TILE, TILE), Image.NEAREST), (x, y))
         verdict = "OK" if rank == 0 else "(top 5)" if rank < 5 else f"(nearest: {gallery.nearest(pixels)})"
-        text = prompt + (" [held out]" if prompt in HELD_OUT else "") + " " + verdict
-        draw.multiline_text((x + 2, y + TILE + 1), "\n".join(textwrap.wrap(text, 24)[:3]), fill="black")
+        labels.append(prompt + (" [held out]" if prompt in HELD_OUT else "") + " " + verdict)
+    grid = labelled_grid(images, labels)
     grid.save(a.out)
     print(f"wrote {a.out}: {recognised} of {len(prompts)} nearest to the named emoji, {top5} in the top 5")
 

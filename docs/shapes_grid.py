@@ -6,15 +6,12 @@
 from __future__ import annotations
 
 import argparse
-import textwrap
 
 import numpy as np
-from PIL import Image, ImageDraw
+from _grid import labelled_grid
 
 import latentdiff
 from latentdiff.data import shapes
-
-TILE, LABEL = 128, 40  # pixels per image (64 x 2, nearest) and for its caption below
 
 
 def pick_captions() -> list[tuple[str, bool]]:
@@ -36,17 +33,12 @@ def main() -> None:
     pipe = latentdiff.load(a.model)
     picked = pick_captions()
     images = pipe([c for c, _ in picked], seed=0, progress=False)  # seed 0 for every caption, as `eval shapes`
-    cols, rows = 8, len(picked) // 8
-    grid = Image.new("RGB", (cols * TILE, rows * (TILE + LABEL)), "white")
-    draw = ImageDraw.Draw(grid)
-    correct = 0
-    for k, ((caption, held_out), im) in enumerate(zip(picked, images)):
+    labels, correct = [], 0
+    for (caption, held_out), im in zip(picked, images):
         ok = shapes.check(np.asarray(im), caption)["correct"]
         correct += ok
-        x, y = (k % cols) * TILE, (k // cols) * (TILE + LABEL)
-        grid.paste(im.resize((TILE, TILE), Image.NEAREST), (x, y))
-        text = caption + (" [held out]" if held_out else "") + (" OK" if ok else " (wrong)")
-        draw.multiline_text((x + 2, y + TILE + 1), "\n".join(textwrap.wrap(text, 24)[:3]), fill="black")
+        labels.append(caption + (" [held out]" if held_out else "") + (" OK" if ok else " (wrong)"))
+    grid = labelled_grid(images, labels)
     grid.save(a.out)
     print(f"wrote {a.out}: {correct} of {len(picked)} fully correct")
 
