@@ -64,8 +64,15 @@ def _packed_conv(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: t
                                                   list(conv.dilation), conv.groups, "none", [], "")
 
 
+# glibc keeps freed heap pages: without handing them back while packing, the packed copies pile up next to the
+# freed plain weights (SD 1.5: peak RSS 3.80 GB instead of 3.06 GB; a malloc_trim after every conv costs 0.75 s)
+_TRIM_EVERY = 64 << 20  # bytes of freed plain weights between two release_freed_memory() calls
+_freed_since_trim = 0
+
+
 def _pack_on_first_call(conv: nn.Conv2d, args) -> None:
     """Forward pre-hook: pack conv's weight for the input size of its first call, then run packed from now on."""
+    global _freed_since_trim
     conv._pack_hook.remove()
     del conv._pack_hook
     w = conv.weight.detach()
@@ -73,6 +80,10 @@ def _pack_on_first_call(conv: nn.Conv2d, args) -> None:
                                                          list(conv.dilation), conv.groups, list(args[0].shape))
     conv.weight = nn.Parameter(packed, requires_grad=False)  # the plain weight is freed: never held twice
     conv._conv_forward = functools.partial(_packed_conv, conv)
+    _freed_since_trim += w.nbytes
+    del w
+    if _freed_since_trim >= _TRIM_EVERY:
+        release_freed_memory()
 
 
 def _dense_state_dict(conv, state_dict, prefix, local_metadata) -> None:
@@ -97,8 +108,9 @@ def pack_conv_weights(module: nn.Module) -> bool:
 
 
 def release_freed_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc keeps them). After the first packed call every conv weight
-    was freed and allocated anew: SD 1.5 U-Net, peak RSS 3.48 -> 3.00 GB (measured)."""
+    """Hand freed heap pages back to the OS (glibc keeps them); see _TRIM_EVERY."""
+    global _freed_since_trim
+    _freed_since_trim = 0
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
