@@ -1,4 +1,4 @@
-"""The fast path: which dtype to run in. Only what measurements pay for.
+"""The fast path: which dtype to run in, and conv weights packed once. Only what measurements pay for.
 
 Measured on a 2-core AVX-512-bf16 CPU (no AMX), full-size SD 1.5 U-Net, 256 x 256, batch 2 (one guided step);
 see benchmarks/bench_unet_step.py and the README's performance table:
@@ -15,8 +15,10 @@ see benchmarks/bench_unet_step.py and the README's performance table:
   compiled without it (35 s, then 1.62 s against 1.39 s eager).
 - Prepacked convolution weights (`pack_conv_weights`, what inductor's freezing does, without compiling): eager
   oneDNN reorders every conv weight into its blocked layout on every call; holding the weights in that layout
-  once takes a bf16 U-Net call from 1.37 s to 1.04 s (256 x 256, batch 2, medians of 3; the compiled path: 0.98 s)
-  for 0.6 s of packing, once. Pipeline does it on the CPU in bf16 on the first image.
+  once takes a bf16 U-Net call from 1.37 s to 1.05 s (256 x 256, batch 2, medians of 3; the compiled path: 0.98 s)
+  for 0.6 s of packing, once; the VAE decode at 256 from 2.0-2.7 s to 1.6 s; at 512 a U-Net call only from
+  6.1-6.2 s to 5.8-6.1 s. Linear weights packed alike gained nothing, so only convs are packed. Pipeline packs
+  the U-Net and the VAE on the CPU in bf16, on their first call.
 `dtype=torch.float32` is the exact path: bit-for-bit what the parity tests check (never packed).
 """
 from __future__ import annotations
