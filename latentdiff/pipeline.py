@@ -292,9 +292,9 @@ class Pipeline:
         code, so oneDNN gets them pre-packed. Measured on the 2-core AVX-512-bf16 CPU, SD 1.5, bf16, 256x256,
         8 Euler a steps at CFG 7.5 (benchmarks/bench_vs_diffusers.py --compile): 1.02-1.07 s per step against
         ~1.2 s eager with packed convs (~1.3 s plain), after 58-68 s of compiling during the first image (and again
-        for each new size or batch), and peak RSS 5.6 GB against ~3 GB (the compiler, and the frozen weights next to the module's own). Inference
-        only; the compiled U-Net keeps the weights it was compiled with, so `to()` and `enable_offload()` drop
-        it: call compile() again after them or after changing the weights."""
+        for each new size or batch), and peak RSS 5.6 GB against ~3 GB (the compiler, and the frozen weights next
+        to the module's own). Inference only; the compiled U-Net keeps the weights it was compiled with, so `to()`
+        and `enable_offload()` drop it: call compile() again after them or after changing the weights."""
         speed.unpack_conv_weights(self.unet)  # inductor packs them itself
         self._compiled_unet = torch.compile(self.unet)
         return self
