@@ -150,12 +150,13 @@ def test_default_pipeline_packs_and_keeps_image_quality(tmp_path):
         assert psnr >= 30.0, (p, psnr)  # measured 37.0-47.5 dB (unpacked bf16: 33.9-49.3 dB)
     fast.save(tmp_path / "e.safetensors")  # packed weights are saved as the plain ones
     again = latentdiff.load(tmp_path / "e.safetensors")
-    for m, n in ((fast.unet, again.unet), (fast.vae, again.vae)):
-        assert all(torch.equal(v, n.state_dict()[k]) for k, v in m.state_dict().items())
+    saved = {name: getattr(again, name).state_dict() for name in ("unet", "vae")}
+    for name in saved:
+        assert all(torch.equal(v, saved[name][k]) for k, v in getattr(fast, name).state_dict().items())
     fast.to(dtype=torch.float32)  # unpacks first
     assert _mkldnn_weights(fast.unet) == _mkldnn_weights(fast.vae) == 0
-    for m, n in ((fast.unet, again.unet), (fast.vae, again.vae)):
-        assert all(torch.equal(v, n.state_dict()[k].float()) for k, v in m.state_dict().items())
+    for name in saved:
+        assert all(torch.equal(v, saved[name][k].float()) for k, v in getattr(fast, name).state_dict().items())
 
 
 # --- tiled VAE decode -----------------------------------------------------------------------------------------
