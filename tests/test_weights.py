@@ -71,6 +71,22 @@ def test_fp16_file_loads_as_bf16_and_fp32(tmp_path):
         assert {t.dtype for t in p.unet.parameters()} == {dt}
 
 
+def test_converting_reads_drop_mapped_pages_but_never_a_view(tmp_path):
+    # get(key, dtype) converts from the mapping, then drops the pages it read; a key also handed out as a
+    # copy-on-write view keeps them, so writes to that view survive a later converting read.
+    path = tmp_path / "t.safetensors"
+    big = torch.randn(64, 1024, dtype=torch.float16)  # 128 KiB: spans whole pages
+    save_file({"a": big, "b": big * 2}, path)
+    f = weights.SafetensorsFile(path)
+    assert torch.equal(f.get("a", torch.float32), big.float())
+    assert torch.equal(f.get("a", torch.float32), big.float())  # dropped pages read back from the file
+    view = f.get("b")
+    view.zero_()
+    assert torch.equal(f.get("b", torch.float32), torch.zeros(64, 1024))
+    assert torch.equal(view, torch.zeros_like(view))
+    assert torch.equal(weights.SafetensorsFile(path).get("b"), big * 2)  # the file itself never changes
+
+
 def test_saved_file_round_trips_with_config(tmp_path):
     pipe = tiny_pipe("tiny-sdxl")
     pipe.save(tmp_path / "x.safetensors")
