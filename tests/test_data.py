@@ -7,7 +7,6 @@ import tarfile
 
 import numpy as np
 import pytest
-import torch
 
 from latentdiff.data import build
 from latentdiff.data import emoji, shapes
@@ -76,18 +75,6 @@ def test_scenes_are_deterministic():
     assert not np.array_equal(a, c) and ca != cc
     rng1, rng2 = np.random.default_rng(3), np.random.default_rng(3)
     assert np.array_equal(shapes.render_scene(rng1, "relation")[0], shapes.render_scene(rng2, "relation")[0])
-
-
-def test_dataset_streams_the_same_scenes_and_resumes():
-    images, captions = shapes.sample_batch(6, seed=5)
-    loader = torch.utils.data.DataLoader(shapes.ShapesDataset(5), batch_size=3)
-    batch = next(iter(loader))
-    assert batch["image"].shape == (3, 3, 64, 64) and batch["image"].dtype == torch.float32
-    assert batch["image"].min() >= -1 and batch["image"].max() <= 1 and batch["caption"] == captions[:3]
-    expected = torch.from_numpy(images[:3]).permute(0, 3, 1, 2).float() / 127.5 - 1
-    assert torch.equal(batch["image"], expected)
-    resumed = next(iter(shapes.ShapesDataset(5, start=4)))
-    assert resumed["caption"] == captions[4]
 
 
 def test_colours_are_faithful_and_edges_antialiased():

@@ -16,7 +16,6 @@ essentially perfectly and stays tolerant of a model's blurry ones.
 
 from __future__ import annotations
 
-import itertools
 import math
 import re
 from dataclasses import dataclass
@@ -24,7 +23,6 @@ from dataclasses import dataclass
 import os
 
 import numpy as np
-import torch
 
 IMAGE = 64
 CELL = IMAGE / 3
@@ -251,26 +249,6 @@ def sample_batch(n: int, seed: int, split: str = "train") -> tuple[np.ndarray, l
     else:
         scenes = _scene_range((seed, 0, n, split))
     return np.stack([im for im, _ in scenes]), [c for _, c in scenes]
-
-
-class ShapesDataset(torch.utils.data.IterableDataset):
-    """Endless stream of {"image": (3, 64, 64) float in [-1, 1], "caption": str}, scenes start, start+1, ...
-
-    DataLoader workers take interleaved indices, so the stream is the same for a given num_workers.
-    """
-
-    def __init__(self, seed: int, split: str = "train", start: int = 0):
-        if split not in ("train", "held_out"):
-            raise ValueError(f"split must be 'train' or 'held_out', got {split!r}")
-        self.seed, self.split, self.start = seed, split, start
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        for i in itertools.count(self.start + worker, workers):
-            image, caption = scene_at(self.seed, i, self.split)
-            x = torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1  # (3, 64, 64)
-            yield {"image": x, "caption": caption}
 
 
 def eval_fixed_captions() -> list[str]:

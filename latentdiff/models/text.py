@@ -34,9 +34,6 @@ class Tokenizer:
     typed in a prompt always stays its own token (transformers' SD2 tokenizers map it to 0).
     """
 
-    sot_id = SOT_ID
-    eot_id = EOT_ID
-
     def __init__(self):
         self._bpe = BPE()
 
