@@ -115,7 +115,11 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("name", choices=["emoji"])
     d.set_defaults(func=lambda a: print(f"wrote {__import__('latentdiff.data', fromlist=['build']).build(a.name)}"))
 
-    a = p.parse_args(argv)
+    a, unknown = p.parse_known_args(argv)
+    if a.command in ("bench", "eval"):  # they parse their own options; a leading one ("eval -h") lands here
+        a.args = unknown + a.args
+    elif unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         a.func(a)
