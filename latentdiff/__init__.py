@@ -43,13 +43,14 @@ def load(path: str | os.PathLike | None = None, *, device: str | torch.device = 
     path: a `.safetensors` / `.ckpt` single file, a diffusers folder, or the name of a model in checkpoints/
     (None = the shipped default). prediction_type: "epsilon" | "v_prediction"; None = from the file's config,
     else detected (logged with the reason). config: a preset name, a YAML file or a ModelConfig that overrides
-    detection (e.g. "sd21_v", or a custom architecture). dtype: None = bfloat16 where the hardware runs it
-    natively (CPUs with AVX512-BF16 / AMX, CUDA GPUs with bf16), else float32; torch.float32 = the exact path.
+    detection (e.g. "sd21_v", or a custom architecture). dtype: None = the fast path:
+    bfloat16 where the hardware runs it natively (CPUs with AVX512-BF16 / AMX, CUDA GPUs with bf16), else
+    float32, on the CPU with prepacked conv weights (fp32: ~4e-6 relative from exact, summation order);
+    torch.float32 = the exact path, bit for bit diffusers' fp32.
     """
-    from . import weights
+    from . import speed, weights
 
-    from . import speed
-
+    exact = dtype == torch.float32
     dtype = speed.default_dtype(device) if dtype is None else dtype
     if isinstance(config, str):
         config = load_config(config)
@@ -69,7 +70,7 @@ def load(path: str | os.PathLike | None = None, *, device: str | torch.device = 
         shipped = sorted({f.stem for d in checkpoint_dirs() if d.is_dir() for f in d.glob("*.safetensors")})
         raise FileNotFoundError(f"no checkpoint at {str(path)!r}: not a file, a diffusers folder or a shipped "
                                 f"model name (shipped: {shipped or 'none found'})")
-    return Pipeline(cfg, **modules, device=device, dtype=dtype, source=p.name)
+    return Pipeline(cfg, **modules, device=device, dtype=dtype, source=p.name, exact=exact)
 
 
 def from_config(config: str | ModelConfig, *, seed: int = 0, device: str | torch.device = "cpu",

@@ -40,10 +40,14 @@ class Conditioning:
 
 class Pipeline:
     def __init__(self, cfg: ModelConfig, unet: nn.Module, vae: nn.Module, text_encoders: nn.ModuleList,
-                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, source: str | None = None):
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, source: str | None = None,
+                 exact: bool | None = None):
         self.cfg, self.unet, self.vae, self.text_encoders = cfg, unet, vae, text_encoders
         self.tokenizer = Tokenizer()
         self.device, self.dtype, self.source = torch.device(device), dtype, source
+        # exact: never prepack conv weights (see _packed), so fp32 is bit for bit diffusers' fp32.
+        # None = exact in fp32; latentdiff.load() passes False for its default dtype, True for an explicit fp32.
+        self.exact = dtype == torch.float32 if exact is None else exact
         for m in (unet, vae, text_encoders):
             m.eval().requires_grad_(False)
         self.alphas_cumprod = schedules.model_alphas_cumprod(cfg)
@@ -278,10 +282,11 @@ class Pipeline:
 
     @contextlib.contextmanager
     def _packed(self, module: nn.Module):
-        """On the CPU in bf16, run `module` with prepacked conv weights (speed.pack_conv_weights: a guided SD 1.5
-        step at 256 x 256 1.7 -> 1.1 s, its VAE decode 2.0-2.7 -> 1.6 s). Its first run packs, then returns the
-        freed plain weights' memory to the OS."""
-        first = (self.device.type == "cpu" and self.dtype == torch.bfloat16 and not self.offload
+        """On the CPU, unless exact, run `module` with prepacked conv weights (speed.pack_conv_weights; SD 1.5 at
+        256 x 256: bf16 on AVX512-BF16, a guided step 1.7 -> 1.1 s, the VAE decode 2.0-2.7 -> 1.6 s; fp32 on an
+        AVX2-only CPU, one U-Net call 5.5 -> 3.1 s). Its first run packs, then returns the freed plain weights'
+        memory to the OS."""
+        first = (self.device.type == "cpu" and not self.exact and not self.offload
                  and speed.pack_conv_weights(module))
         yield
         if first:
@@ -311,7 +316,8 @@ class Pipeline:
 
     def to(self, device=None, dtype=None) -> "Pipeline":
         self.device = torch.device(device) if device is not None else self.device
-        self.dtype = dtype or self.dtype
+        if dtype is not None:  # an explicit fp32 is the exact path, as in latentdiff.load()
+            self.dtype, self.exact = dtype, dtype == torch.float32
         self._prompt_cache.clear()
         self._compiled_unet = None
         for m in (self.unet, self.vae, self.text_encoders):

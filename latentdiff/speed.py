@@ -94,18 +94,31 @@ def _dense_state_dict(conv, state_dict, prefix, local_metadata) -> None:
         state_dict[prefix + "weight"] = state_dict[prefix + "weight"].to_dense()
 
 
+@functools.cache
+def cpu_packs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN holds conv weights of `dtype` packed on this CPU. bf16 needs AVX512BW/VL/DQ or AVX-NE-CONVERT
+    (an AVX2-only CPU such as a Zen 2/3 EPYC gets a RuntimeError from the reorder), so ask once with a 1x1 weight."""
+    try:
+        torch.ops.mkldnn._reorder_convolution_weight(torch.zeros(1, 1, 1, 1, dtype=dtype), [0, 0], [1, 1], [1, 1], 1,
+                                                     [1, 1, 1, 1])
+    except (RuntimeError, AttributeError):  # AttributeError: a torch built without oneDNN
+        return False
+    return True
+
+
 def pack_conv_weights(module: nn.Module) -> bool:
     """CPU inference only: from its next call on, hold each Conv2d's weight of `module` in oneDNN's blocked layout
     (packed for the input size of that call) instead of reordering it on every call. The weights stay exact
     (`state_dict()` gives them back bit for bit, as plain tensors); `unpack_conv_weights` undoes it. Needs
     weights that train no more: `to()`, `load_state_dict` and autograd do not take packed weights.
-    Returns False when `module` was packed already."""
-    if getattr(module, "_convs_packed", False):
+    Returns False when `module` was packed already or this CPU cannot pack its dtype (see cpu_packs)."""
+    convs = [m for m in module.modules()
+             if type(m) is nn.Conv2d and m.padding_mode == "zeros" and isinstance(m.padding, tuple)]
+    if getattr(module, "_convs_packed", False) or not convs or not cpu_packs(convs[0].weight.dtype):
         return False
-    for m in module.modules():
-        if type(m) is nn.Conv2d and m.padding_mode == "zeros" and isinstance(m.padding, tuple):
-            m._pack_hook = m.register_forward_pre_hook(_pack_on_first_call)
-            m._dense_hook = m._register_state_dict_hook(_dense_state_dict)
+    for m in convs:
+        m._pack_hook = m.register_forward_pre_hook(_pack_on_first_call)
+        m._dense_hook = m._register_state_dict_hook(_dense_state_dict)
     module._convs_packed = True
     return True
 

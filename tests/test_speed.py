@@ -100,15 +100,18 @@ def _mkldnn_weights(module: nn.Module) -> int:
     return sum(p.is_mkldnn for p in module.parameters())
 
 
-def test_packed_convs_compute_the_plain_result_and_keep_the_weights_exact():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_convs_compute_the_plain_result_and_keep_the_weights_exact(dtype):
+    if not speed.cpu_packs(dtype):
+        pytest.skip(f"oneDNN cannot pack {dtype} conv weights on this CPU (see test_no_packing_where_the_cpu_cannot)")
     torch.manual_seed(0)
     exact = _randomise(UNetModel(TINY_SD15.unet))
-    unet = copy.deepcopy(exact).to(torch.bfloat16)
+    unet = copy.deepcopy(exact).to(dtype)
     plain = copy.deepcopy(unet)
     weights = {k: v.clone() for k, v in unet.state_dict().items()}
     x, t, context = _unet_inputs(TINY_SD15.unet)
-    x, context = x.bfloat16(), context.bfloat16()
-    x2 = torch.randn(1, 4, 24, 16, generator=torch.Generator().manual_seed(3)).bfloat16()  # another size
+    x, context = x.to(dtype), context.to(dtype)
+    x2 = torch.randn(1, 4, 24, 16, generator=torch.Generator().manual_seed(3)).to(dtype)  # another size
     assert speed.pack_conv_weights(unet) and not speed.pack_conv_weights(unet)  # the second time: no-op
     assert _mkldnn_weights(unet) == 0  # packed on the first call, for its input size
     with torch.inference_mode():
@@ -117,9 +120,13 @@ def test_packed_convs_compute_the_plain_result_and_keep_the_weights_exact():
         fp32, fp32_2 = exact(x.float(), t, context.float()), exact(x2.float(), t[:1], context[:1].float())
     n_convs = sum(type(m) is nn.Conv2d for m in unet.modules())
     assert _mkldnn_weights(unet) == n_convs > 10
-    # the same bf16 products summed in another order: as far from fp32 as the plain bf16 call (measured 1.41e-2 /
-    # 1.38e-2 for the packed size / another one, plain 1.48e-2: random weights, see above; packed vs plain 1.2e-2)
-    assert _rel_l2(out, fp32) <= 2e-2 and _rel_l2(out2, fp32_2) <= 2e-2
+    if dtype == torch.bfloat16:
+        # the same bf16 products summed in another order: as far from fp32 as the plain bf16 call (measured
+        # 1.41e-2 / 1.38e-2 for the packed size / another one, plain 1.48e-2: random weights, see above; packed vs
+        # plain 1.2e-2)
+        assert _rel_l2(out, fp32) <= 2e-2 and _rel_l2(out2, fp32_2) <= 2e-2
+    else:  # fp32 products in another order (SD 1.5 at 256 px: 4.2e-6)
+        assert _rel_l2(out, fp32) <= 1e-5 and _rel_l2(out2, fp32_2) <= 1e-5
     assert 0 < _rel_l2(out, ref)  # another kernel really ran
     sd = unet.state_dict()  # plain tensors, bit for bit
     assert sd.keys() == weights.keys()
@@ -129,6 +136,47 @@ def test_packed_convs_compute_the_plain_result_and_keep_the_weights_exact():
     assert _mkldnn_weights(unet) == 0
     with torch.inference_mode():
         assert torch.equal(unet(x, t, context), ref)
+
+
+def test_no_packing_where_the_cpu_cannot(monkeypatch):
+    """oneDNN packs bf16 weights only with AVX512BW/VL/DQ or AVX-NE-CONVERT (an AVX2 EPYC raises a RuntimeError):
+    there, and for an explicit bf16 load, the pipeline runs plain bf16 instead of failing."""
+    monkeypatch.setattr(speed, "cpu_packs", lambda dtype: False)
+    unet = UNetModel(TINY_SD15.unet).eval()
+    assert not speed.pack_conv_weights(unet) and not hasattr(unet, "_convs_packed")
+    assert not any(hasattr(m, "_pack_hook") for m in unet.modules())
+    pipe = latentdiff.from_config("tiny-sd15", dtype=torch.bfloat16)
+    assert not pipe.exact
+    img = pipe("a red apple", steps=2, height=64, width=64, seed=0, progress=False)[0]
+    assert img.size == (64, 64) and _mkldnn_weights(pipe.unet) == _mkldnn_weights(pipe.vae) == 0
+
+
+def test_cpu_packs_asks_onednn():
+    assert speed.cpu_packs(torch.float32)  # oneDNN packs fp32 on every x86-64 CPU torch runs on
+    if speed.cpu_has_native_bf16():  # AVX512_BF16 comes with AVX512BW/VL/DQ; AMX with AVX-NE-CONVERT or them
+        assert speed.cpu_packs(torch.bfloat16)
+    assert not speed.cpu_packs(torch.int64)
+
+
+def test_fp32_default_packs_and_stays_within_rounding(tmp_path, monkeypatch):
+    """On a CPU without native bf16 the default is fp32 with prepacked convs (an AVX2 EPYC, SD 1.5 at 256 px: one
+    U-Net call 5.5 -> 3.1 s); dtype=torch.float32 stays the exact, unpacked path; to(dtype=float32) makes a pipeline
+    exact."""
+    monkeypatch.setattr(speed, "_cpu_flags", lambda: frozenset({"avx2"}))
+    torch.manual_seed(0)
+    src = latentdiff.from_config("tiny-sd15")
+    _randomise(src.unet)
+    src.save(tmp_path / "m.safetensors")
+    fast = latentdiff.load(tmp_path / "m.safetensors")
+    exact = latentdiff.load(tmp_path / "m.safetensors", dtype=torch.float32)
+    assert fast.dtype == exact.dtype == torch.float32 and not fast.exact and exact.exact
+    kw = dict(steps=3, height=64, width=64, seed=0, progress=False)
+    a, b = fast("a red apple", output="latent", **kw), exact("a red apple", output="latent", **kw)
+    assert _mkldnn_weights(fast.unet) > 0 and _mkldnn_weights(exact.unet) == 0
+    assert 0 < _rel_l2(a, b) <= 1e-4, _rel_l2(a, b)
+    fast.to(dtype=torch.float32)  # an explicit fp32: exact from now on
+    assert fast.exact and _mkldnn_weights(fast.unet) == 0
+    assert torch.equal(fast("a red apple", output="latent", **kw), b)
 
 
 @pytest.mark.skipif(not speed.cpu_has_native_bf16(), reason="the default dtype here is fp32: nothing packs")
