@@ -6,14 +6,16 @@
 Both libraries hold the very same weight tensors (diffusers' model is filled from ours through
 ``latentdiff.diffusers_format.unet.to_diffusers``). Variants run in rounds, A B C A B C ..., so drift of a noisy
 machine hits all of them alike; medians are printed, then each variant's ratio to the last one (the yardstick,
-by default diffusers fp32). A variant is ``lib:dtype[:cl]``: lib ours | diffusers, dtype fp32 | bf16 | fp16,
-``cl`` = channels-last memory format for weights and input. ``--profile VARIANT`` then profiles one call of
-that variant and prints where its time goes: convolutions, linear layers, attention and everything else, each
-with its share of the time and its achieved GFLOP/s.
+by default diffusers fp32). A variant is ``lib:dtype[:cl][:packed]``: lib ours | diffusers, dtype fp32 | bf16 |
+fp16, ``cl`` = channels-last memory format for weights and input, ``packed`` = conv weights prepacked as the
+default pipeline runs them (``latentdiff.speed.pack_conv_weights``; ours only). ``--profile VARIANT`` then
+profiles one call of that variant and prints where its time goes: convolutions, linear layers, attention and
+everything else, each with its share of the time and its achieved GFLOP/s.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -25,15 +27,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _unets import diffusers_twin, random_unet, unet_flops, unet_inputs, variant  # noqa: E402
 
 from latentdiff.config import SD15  # noqa: E402
+from latentdiff.speed import pack_conv_weights  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def parse_variant(s: str) -> tuple[str, torch.dtype, bool]:
+def parse_variant(s: str) -> tuple[str, torch.dtype, bool, bool]:
     lib, dtype, *rest = s.split(":")
-    if lib not in ("ours", "diffusers") or dtype not in DTYPES or rest not in ([], ["cl"]):
-        raise SystemExit(f"bad variant {s!r}: want lib:dtype[:cl], lib ours|diffusers, dtype {sorted(DTYPES)}")
-    return lib, DTYPES[dtype], bool(rest)
+    if (lib not in ("ours", "diffusers") or dtype not in DTYPES or not set(rest) <= {"cl", "packed"}
+            or (lib == "diffusers" and "packed" in rest)):
+        raise SystemExit(f"bad variant {s!r}: want lib:dtype[:cl][:packed], lib ours|diffusers, dtype "
+                         f"{sorted(DTYPES)}, packed for ours only")
+    return lib, DTYPES[dtype], "cl" in rest, "packed" in rest
 
 
 def main(argv=None) -> None:
@@ -52,12 +57,16 @@ def main(argv=None) -> None:
 
     master = random_unet(cfg)
     models = {}
-    for name, (lib, dtype, cl) in zip(a.variants, specs):
+    for name, (lib, dtype, cl, packed) in zip(a.variants, specs):
         ours = variant(master, dtype, cl)
+        if packed:  # a copy: the plain variants keep plain weights
+            ours = copy.deepcopy(ours)
+            if not pack_conv_weights(ours):
+                raise SystemExit(f"{name}: oneDNN cannot pack {dtype} conv weights on this CPU")
         models[name] = ours if lib == "ours" else diffusers_twin(ours)
 
     def call(name):
-        lib, dtype, cl = specs[a.variants.index(name)]
+        lib, dtype, cl, _ = specs[a.variants.index(name)]
         x, t, c = unet_inputs(cfg, a.size, a.batch, dtype, cl)
         with torch.inference_mode():
             t0 = time.perf_counter()
@@ -106,7 +115,7 @@ def profile(call, flops_by_op: dict) -> None:
         call()
     seconds = dict.fromkeys([*KINDS, "other"], 0.0)
     for e in prof.key_averages():
-        if e.key.startswith("aten::"):
+        if e.key.startswith(("aten::", "mkldnn::")):  # mkldnn::_convolution_pointwise: packed convs
             seconds[kind_of(e.key)] += e.self_cpu_time_total / 1e6
     flops = dict.fromkeys(seconds, 0)
     for op, f in flops_by_op.items():

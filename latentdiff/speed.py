@@ -19,6 +19,9 @@ see benchmarks/bench_unet_step.py and the README's performance table:
   for 0.6 s of packing, once; the VAE decode at 256 from 2.0-2.7 s to 1.6 s; at 512 a U-Net call only from
   6.1-6.2 s to 5.8-6.1 s. Linear weights packed alike gained nothing, so only convs are packed. Pipeline packs
   the U-Net and the VAE on the CPU in bf16, on their first call.
+- On a CPU without native bf16 (an AVX2-only AMD EPYC, 2 cores) the default is fp32, packed the same way: one
+  U-Net call at 256 x 256, batch 2, 5.47 -> 3.12 s (medians of 3), 4.2e-6 relative from the plain fp32 call.
+  bf16 there is emulated, 138 s per call, and oneDNN refuses to pack it (cpu_packs).
 `dtype=torch.float32` is the exact path: bit-for-bit what the parity tests check (never packed).
 """
 from __future__ import annotations
