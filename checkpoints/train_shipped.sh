@@ -19,3 +19,6 @@ wait
 # Then, on a CPU (commands in the model cards): the emoji VAE decoder was fine-tuned (checkpoints/emoji.md), and
 # the shapes U-Net + text encoder trained on (configs/train/shapes-cpu.yaml), then became a v-prediction model
 # (configs/train/shapes-v.yaml), then trained on with "left" / "right" split apart (configs/train/shapes-v5.yaml).
+# Last, each model's preview decoder (`pipe.preview`), on the final files, on a CPU:
+#   python -m latentdiff.train.preview --model emoji --data builtin:emoji --out checkpoints/emoji.preview.safetensors
+#   python -m latentdiff.train.preview --model shapes --data builtin:shapes --out checkpoints/shapes.preview.safetensors --steps 1000

@@ -20,6 +20,7 @@ __all__ = ["load", "from_config", "Pipeline", "ModelConfig", "__version__"]
 
 log = logging.getLogger("latentdiff")
 DEFAULT_MODEL = "emoji"
+PREVIEW_SUFFIX = ".preview.safetensors"  # a model's preview decoder lies next to it: emoji.preview.safetensors
 
 
 def checkpoint_dirs() -> list[Path]:
@@ -67,10 +68,15 @@ def load(path: str | os.PathLike | None = None, *, device: str | torch.device = 
         cfg, modules = weights.read_single_file(p, config=config, prediction_type=prediction_type, dtype=dtype,
                                                 device=device)
     else:
-        shipped = sorted({f.stem for d in checkpoint_dirs() if d.is_dir() for f in d.glob("*.safetensors")})
+        shipped = sorted({f.stem for d in checkpoint_dirs() if d.is_dir() for f in d.glob("*.safetensors")
+                          if not f.name.endswith(PREVIEW_SUFFIX)})
         raise FileNotFoundError(f"no checkpoint at {str(path)!r}: not a file, a diffusers folder or a shipped "
                                 f"model name (shipped: {shipped or 'none found'})")
-    return Pipeline(cfg, **modules, device=device, dtype=dtype, source=p.name, exact=exact)
+    pipe = Pipeline(cfg, **modules, device=device, dtype=dtype, source=p.name, exact=exact)
+    preview = p.with_name(p.stem + PREVIEW_SUFFIX)
+    if p.is_file() and preview.is_file():
+        pipe.load_preview(preview)
+    return pipe
 
 
 def from_config(config: str | ModelConfig, *, seed: int = 0, device: str | torch.device = "cpu",

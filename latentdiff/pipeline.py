@@ -55,6 +55,7 @@ class Pipeline:
         self.tile_decode_above = 128  # latent side above which decode() tiles (1024 px for SD)
         self._prompt_cache: dict[tuple, tuple[Conditioning, Conditioning]] = {}  # repeated prompts: encode once
         self._compiled_unet = None  # see compile()
+        self.preview_decoder = None  # see load_preview() / preview()
 
     # --- conditioning -------------------------------------------------------------------------------------
 
@@ -233,12 +234,44 @@ class Pipeline:
                 log.warning("fp16 VAE decode produced NaN; decoding again in fp32")
                 img = run(self.vae.float(), z.float())
                 self.vae.to(self.dtype)
-        arr = ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        images = [Image.fromarray(a) for a in arr]
+        images = _to_pil(img)
         if params is not None:
             for im in images:
                 im.info["parameters"] = format_parameters(params, self.source or self.cfg.name)
         return images
+
+    def load_preview(self, path) -> None:
+        """Read a preview decoder (latentdiff/models/preview.py) written by `python -m latentdiff.train.preview`;
+        latentdiff.load() does this on its own for `<model>.preview.safetensors` next to the model file."""
+        from .models.preview import PreviewConfig, PreviewDecoder
+        from .weights import CheckpointError, SafetensorsFile
+
+        f = SafetensorsFile(path)
+        if f.metadata.get("format") != "latentdiff-preview":
+            raise CheckpointError(f"{path}: not a preview decoder (no 'format: latentdiff-preview' in its metadata)")
+        try:
+            model = PreviewDecoder(PreviewConfig.from_metadata(f.metadata))
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"{path}: preview decoder metadata {f.metadata} lacks or garbles {e}") from e
+        if model.cfg.latent_channels != self.cfg.vae.z_channels:
+            raise CheckpointError(f"{path}: preview decoder for {model.cfg.latent_channels} latent channels, this "
+                                  f"model's VAE has {self.cfg.vae.z_channels}")
+        want, got = {k: tuple(v.shape) for k, v in model.state_dict().items()}, f.shapes()
+        if got != want:
+            bad = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
+            raise CheckpointError(f"{path}: keys/shapes do not match the preview decoder's: "
+                                  + ", ".join(f"{k} file {got.get(k)} want {want.get(k)}" for k in bad))
+        model.load_state_dict({k: f.get(k, torch.float32) for k in want})
+        self.preview_decoder = model.eval().requires_grad_(False)
+
+    def preview(self, latents: torch.Tensor) -> list[Image.Image]:
+        """Latents (B, 4, h, w) as the sampler holds them (e.g. in a callback) -> rough PIL images, from the tiny
+        preview decoder instead of the VAE (shipped emoji model: see checkpoints/emoji.md for its PSNR and cost)."""
+        if self.preview_decoder is None:
+            raise RuntimeError(f"{self.source or self.cfg.name} has no preview decoder: train one with "
+                               "`python -m latentdiff.train.preview` and call pipe.load_preview(path)")
+        with torch.inference_mode():
+            return _to_pil(self.preview_decoder(latents.detach().float().cpu()))
 
     # --- helpers ------------------------------------------------------------------------------------------
 
@@ -326,12 +359,17 @@ class Pipeline:
         return self
 
     def save(self, path, format: str = "single_file", dtype: torch.dtype | None = None) -> None:
-        """Write a single `.safetensors` (original layout, config in its metadata) or a diffusers folder."""
+        """Write a single `.safetensors` (original layout, config in its metadata) or a diffusers folder. A preview
+        decoder goes next to a single file as `<name>.preview.safetensors` (a diffusers folder has no place for it)."""
         from . import weights
 
         modules = {"unet": self.unet, "vae": self.vae, "text_encoders": self.text_encoders}
         if format == "single_file":
             weights.save_single_file(path, self.cfg, modules, dtype)
+            if self.preview_decoder is not None:
+                from .models.preview import save_preview
+
+                save_preview(self.preview_decoder, Path(path).with_name(Path(path).stem + ".preview.safetensors"))
         elif format == "diffusers":
             from .folders import save_folder
 
@@ -389,6 +427,12 @@ def save_png(image: Image.Image, path: str | Path) -> None:
     if "parameters" in image.info:
         info.add_text("parameters", image.info["parameters"])
     image.save(path, pnginfo=info)
+
+
+def _to_pil(img: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> uint8 PIL images."""
+    arr = ((img.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
 
 
 def image_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
