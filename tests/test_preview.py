@@ -103,6 +103,6 @@ def test_shipped_preview_is_close_to_the_vae_decode(name):
     assert score >= PREVIEW_PSNR[name], score
 
 
-# measured over 8 prompts (these 4 and 4 more): emoji 18.5-23.4 dB per image (20.7 in all; 21.3 on the posteriors of
-# its 140 held-out icons), shapes 27.4-31.8 dB (28.9; 29.1 on 256 held-out scenes)
+# measured per image on these 4 prompts: emoji 18.5-23.4 dB, shapes 27.4-29.9 dB; with 4 more prompts each,
+# 17.4-25.2 (20.7 over all 8) and 26.1-31.8 (28.9); on held-out posteriors 21.3 (emoji) and 29.1 dB (shapes)
 PREVIEW_PSNR = {"emoji": 18.0, "shapes": 25.0}
