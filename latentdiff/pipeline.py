@@ -244,7 +244,7 @@ class Pipeline:
         """Read a preview decoder (latentdiff/models/preview.py) written by `python -m latentdiff.train.preview`;
         latentdiff.load() does this on its own for `<model>.preview.safetensors` next to the model file."""
         from .models.preview import PreviewConfig, PreviewDecoder
-        from .weights import CheckpointError, SafetensorsFile
+        from .weights import CheckpointError, SafetensorsFile, check_keys
 
         f = SafetensorsFile(path)
         if f.metadata.get("format") != "latentdiff-preview":
@@ -256,11 +256,8 @@ class Pipeline:
         if model.cfg.latent_channels != self.cfg.vae.z_channels:
             raise CheckpointError(f"{path}: preview decoder for {model.cfg.latent_channels} latent channels, this "
                                   f"model's VAE has {self.cfg.vae.z_channels}")
-        want, got = {k: tuple(v.shape) for k, v in model.state_dict().items()}, f.shapes()
-        if got != want:
-            bad = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
-            raise CheckpointError(f"{path}: keys/shapes do not match the preview decoder's: "
-                                  + ", ".join(f"{k} file {got.get(k)} want {want.get(k)}" for k in bad))
+        want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        check_keys(path, want, f.shapes())
         model.load_state_dict({k: f.get(k, torch.float32) for k in want})
         self.preview_decoder = model.eval().requires_grad_(False)
 

@@ -115,9 +115,11 @@ def pack_conv_weights(module: nn.Module) -> bool:
     (`state_dict()` gives them back bit for bit, as plain tensors); `unpack_conv_weights` undoes it. Needs
     weights that train no more: `to()`, `load_state_dict` and autograd do not take packed weights.
     Returns False when `module` was packed already or this CPU cannot pack its dtype (see cpu_packs)."""
+    if getattr(module, "_convs_packed", False):  # checked first: Pipeline asks on every call
+        return False
     convs = [m for m in module.modules()
              if type(m) is nn.Conv2d and m.padding_mode == "zeros" and isinstance(m.padding, tuple)]
-    if getattr(module, "_convs_packed", False) or not convs or not cpu_packs(convs[0].weight.dtype):
+    if not convs or not cpu_packs(convs[0].weight.dtype):
         return False
     for m in convs:
         m._pack_hook = m.register_forward_pre_hook(_pack_on_first_call)
