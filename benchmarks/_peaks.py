@@ -12,14 +12,20 @@ import torch
 import torch.nn.functional as F
 
 
-def _rate(fn, flops: float, repeats: int) -> float:
-    fn()  # warm-up: oneDNN picks and caches its kernel
+def median_time(fn, repeats: int) -> float:
+    """Median seconds of `repeats` calls of fn, after one warm-up call (oneDNN picks and caches its kernels;
+    convs pack)."""
+    fn()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return flops / statistics.median(times)
+    return statistics.median(times)
+
+
+def _rate(fn, flops: float, repeats: int) -> float:
+    return flops / median_time(fn, repeats)
 
 
 def measure_peaks(repeats: int = 5) -> dict[str, float]:

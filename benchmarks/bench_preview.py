@@ -11,20 +11,13 @@ on the CPU by default). Medians; ratios preview / VAE.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 
-
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up: oneDNN picks kernels, convs pack
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _peaks import median_time  # noqa: E402
 
 
 def main(argv=None) -> None:

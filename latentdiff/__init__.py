@@ -20,7 +20,6 @@ __all__ = ["load", "from_config", "Pipeline", "ModelConfig", "__version__"]
 
 log = logging.getLogger("latentdiff")
 DEFAULT_MODEL = "emoji"
-PREVIEW_SUFFIX = ".preview.safetensors"  # a model's preview decoder lies next to it: emoji.preview.safetensors
 
 
 def checkpoint_dirs() -> list[Path]:
@@ -50,6 +49,7 @@ def load(path: str | os.PathLike | None = None, *, device: str | torch.device = 
     torch.float32 = the exact path, bit for bit diffusers' fp32.
     """
     from . import speed, weights
+    from .models import preview
 
     exact = dtype == torch.float32
     dtype = speed.default_dtype(device) if dtype is None else dtype
@@ -69,13 +69,12 @@ def load(path: str | os.PathLike | None = None, *, device: str | torch.device = 
                                                 device=device)
     else:
         shipped = sorted({f.stem for d in checkpoint_dirs() if d.is_dir() for f in d.glob("*.safetensors")
-                          if not f.name.endswith(PREVIEW_SUFFIX)})
+                          if not f.name.endswith(preview.SUFFIX)})
         raise FileNotFoundError(f"no checkpoint at {str(path)!r}: not a file, a diffusers folder or a shipped "
                                 f"model name (shipped: {shipped or 'none found'})")
     pipe = Pipeline(cfg, **modules, device=device, dtype=dtype, source=p.name, exact=exact)
-    preview = p.with_name(p.stem + PREVIEW_SUFFIX)
-    if p.is_file() and preview.is_file():
-        pipe.load_preview(preview)
+    if p.is_file() and preview.preview_path(p).is_file():
+        pipe.load_preview(preview.preview_path(p))
     return pipe
 
 

@@ -364,9 +364,9 @@ class Pipeline:
         if format == "single_file":
             weights.save_single_file(path, self.cfg, modules, dtype)
             if self.preview_decoder is not None:
-                from .models.preview import save_preview
+                from .models.preview import preview_path, save_preview
 
-                save_preview(self.preview_decoder, Path(path).with_name(Path(path).stem + ".preview.safetensors"))
+                save_preview(self.preview_decoder, preview_path(path))
         elif format == "diffusers":
             from .folders import save_folder
 

@@ -10,8 +10,17 @@ no norms, no attention, so it costs a few percent of the VAE decoder it imitates
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from torch import nn
+
+SUFFIX = ".preview.safetensors"  # a model's preview decoder lies next to it: emoji.preview.safetensors
+
+
+def preview_path(model_path) -> Path:
+    """Where the preview decoder of the single file `model_path` lies (x.safetensors -> x.preview.safetensors)."""
+    model_path = Path(model_path)
+    return model_path.with_name(model_path.stem + SUFFIX)
 
 
 @dataclass(frozen=True)
@@ -34,7 +43,7 @@ class PreviewDecoder(nn.Module):
         self.cfg = cfg
         w = cfg.width
         layers = [nn.Conv2d(cfg.latent_channels, w, 3, padding=1), nn.ReLU()]
-        for _ in range(cfg.upsamples):  # each level: (B, w, h, w) -> (B, w, 2h, 2w)
+        for _ in range(cfg.upsamples):  # each level: (B, width, h, w) -> (B, width, 2h, 2w)
             layers += [nn.Upsample(scale_factor=2.0, mode="nearest"),
                        nn.Conv2d(w, w, 3, padding=1), nn.ReLU(), nn.Conv2d(w, w, 3, padding=1), nn.ReLU()]
         layers.append(nn.Conv2d(w, 3, 3, padding=1))
