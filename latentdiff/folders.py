@@ -11,6 +11,7 @@ them with zeros (a zero pre-norm block is the identity) and logs their names, so
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -27,8 +28,8 @@ from .diffusers_format import text as text_fmt
 from .diffusers_format import unet as unet_fmt
 from .diffusers_format import vae as vae_fmt
 from .models.bpe import BPE
-from .weights import (CheckpointError, SafetensorsFile, build_modules, check_keys, resolve_prediction_type,
-                      write_safetensors)
+from .weights import (CheckpointError, SafetensorsFile, build_modules, check_keys, read_in_background,
+                      resolve_prediction_type, write_safetensors)
 
 log = logging.getLogger("latentdiff")
 
@@ -149,14 +150,18 @@ def read_folder(path, config: ModelConfig | None = None, prediction_type: str | 
     else:
         config_from = "the config argument"
     cfg = resolve_prediction_type(config, prediction_type, config_from, {}, None)
-    modules = build_modules(cfg)
+    files = {sub: _weights_file(path / sub) for sub in ["unet", "vae", *text_dirs]}
+    jobs = {(sub, k): functools.partial(f.get, k, dtype) for sub, f in files.items() for k in f.entries}
+    with read_in_background(jobs) as tensors:  # converts while build_modules imports transformers
+        modules = build_modules(cfg)
+        read = tensors()
     parts = [("unet", modules["unet"], lambda sd: unet_fmt.from_diffusers(sd, cfg.unet)),
              ("vae", modules["vae"], lambda sd: vae_fmt.from_diffusers(sd, cfg.vae))]
     for i, t in enumerate(text_dirs):
         parts.append((t, modules["text_encoders"][i],
                       lambda sd, i=i: text_fmt.from_diffusers(sd, cfg.text[i], _role(cfg))))
     for sub, mod, convert in parts:
-        f = _weights_file(path / sub)
+        f = files[sub]
         if sub.startswith("text_encoder"):
             i = TEXT_DIRS.index(sub)
             absent = text_fmt.absent_in_diffusers(cfg.text[i], _role(cfg))
@@ -164,7 +169,7 @@ def read_folder(path, config: ModelConfig | None = None, prediction_type: str | 
                 log.info("%s: %d tensors the diffusers format does not hold are zero-filled: %s%s", sub,
                          len(absent), ", ".join(absent[:4]), " ..." if len(absent) > 4 else "")
         try:
-            sd = convert({k: f.get(k, dtype) for k in f.entries})
+            sd = convert({k: read[sub, k] for k in f.entries})
         except ValueError as e:
             raise CheckpointError(f"{f.path}: {e}") from e
         _load_strict(mod, sd, f.path, dtype, device)

@@ -11,6 +11,7 @@ diffusers folders: see `latentdiff/folders.py`; its rename tables live in `laten
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import mmap
@@ -18,6 +19,8 @@ import os
 import pickle
 import struct
 import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -259,6 +262,33 @@ def check_keys(path, expected: dict, found: dict) -> None:
                               + " | ".join(problems))
 
 
+@contextlib.contextmanager
+def read_in_background(jobs: dict):
+    """Run `jobs` ({name: function returning a tensor}) on one worker thread while the caller goes on building
+    modules; yields a function that waits for them and returns {name: tensor}.
+
+    Why: building the modules imports transformers' CLIP (~4 s of Python, GIL-bound) and converting the weights
+    (SD 1.5 fp16 -> fp32: ~2.3 s, mostly first-touch page faults and the cast, both outside the GIL) is
+    independent of it, so on 2 cores the two overlap. Leaving the block early (an error) stops the worker after
+    its current tensor; the block never returns before the worker has ended."""
+    stop = threading.Event()
+
+    def run() -> dict:
+        out = {}
+        for name, job in jobs.items():
+            if stop.is_set():
+                break
+            out[name] = job()
+        return out
+
+    with ThreadPoolExecutor(1, thread_name_prefix="latentdiff-read") as pool:
+        future = pool.submit(run)
+        try:
+            yield future.result
+        finally:
+            stop.set()
+
+
 def load_parts(cfg: ModelConfig, modules: dict, get, path, dtype: torch.dtype | None, device="cpu") -> None:
     """Fill the meta-device `modules` from `get(key, dtype) -> tensor` (full single-file keys), strictly."""
     root = nn.ModuleDict({"unet": modules["unet"], "vae": modules["vae"], "text_encoders": modules["text_encoders"]})
@@ -299,10 +329,13 @@ def read_single_file(path, config=None, prediction_type=None, dtype=None, device
     else:
         cfg = detect(shapes, path)
         log.info("detected %s from the key layout of %s", cfg.name, path)
-    modules = build_modules(cfg)
-    check_keys(path, expected_shapes(cfg, modules), shapes)
-    cfg = resolve_prediction_type(cfg, prediction_type, config_from, metadata, get)
-    load_parts(cfg, modules, get, path, dtype, device)
+    jobs = {k: functools.partial(get, k, dtype) for k in shapes if not is_ignored(k)}
+    with read_in_background(jobs) as tensors:
+        modules = build_modules(cfg)
+        check_keys(path, expected_shapes(cfg, modules), shapes)
+        cfg = resolve_prediction_type(cfg, prediction_type, config_from, metadata, get)
+        read = tensors()
+    load_parts(cfg, modules, lambda key, _dtype: read[key], path, dtype, device)
     return cfg, modules
 
 

@@ -87,6 +87,36 @@ def test_converting_reads_drop_mapped_pages_but_never_a_view(tmp_path):
     assert torch.equal(weights.SafetensorsFile(path).get("b"), big * 2)  # the file itself never changes
 
 
+def test_read_in_background_returns_every_tensor_and_stops_on_an_error():
+    import threading
+    import time
+
+    jobs = {f"k{i}": (lambda i=i: torch.full((2,), float(i))) for i in range(5)}
+    with weights.read_in_background(jobs) as tensors:
+        read = tensors()
+    assert list(read) == list(jobs) and torch.equal(read["k3"], torch.full((2,), 3.0))
+
+    def broken():
+        raise weights.CheckpointError("bad tensor k1")
+    with pytest.raises(weights.CheckpointError, match="bad tensor k1"):  # a job's error reaches the caller
+        with weights.read_in_background({"k0": jobs["k0"], "k1": broken}) as tensors:
+            tensors()
+
+    started, ran = threading.Event(), []
+
+    def slow(i):
+        started.set()
+        time.sleep(0.2)
+        ran.append(i)
+        return torch.zeros(1)
+    with pytest.raises(RuntimeError, match="the caller failed"):  # e.g. check_keys raising while it reads
+        with weights.read_in_background({i: (lambda i=i: slow(i)) for i in range(100)}):
+            started.wait(5)
+            raise RuntimeError("the caller failed")
+    assert ran == [0]  # the worker finished its current job, took no other, and had ended by the time we got here
+    assert not any(t.name.startswith("latentdiff-read") for t in threading.enumerate())
+
+
 def test_saved_file_round_trips_with_config(tmp_path):
     pipe = tiny_pipe("tiny-sdxl")
     pipe.save(tmp_path / "x.safetensors")
