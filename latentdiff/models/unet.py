@@ -102,7 +102,7 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(TimestepBlock(*layers))
 
         self.out = nn.Sequential(
-            nn.GroupNorm(g, ch, eps=1e-5), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1)
+            nn.GroupNorm(g, ch, eps=1e-5), nn.SiLU(inplace=True), nn.Conv2d(mc, cfg.out_channels, 3, padding=1)
         )
         nn.init.zeros_(self.out[2].weight)  # ldm: zero-initialised output conv
         nn.init.zeros_(self.out[2].bias)

@@ -39,10 +39,11 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        skip = self.nin_shortcut(x) if self.nin_shortcut is not None else x
-        return skip + h
+        # in place on fresh tensors (norm and conv outputs): no new activation-sized tensors (see layers.ResBlock)
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        h = self.conv2(F.silu(self.norm2(h), inplace=True))
+        h += self.nin_shortcut(x) if self.nin_shortcut is not None else x
+        return h
 
 
 class AttnBlock(nn.Module):
@@ -144,7 +145,7 @@ class Encoder(nn.Module):
         for level in self.down:
             h = level(h)  # ... -> (B, ch*ch_mult[-1], H/f, W/f)
         h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h), inplace=True))
 
 
 class Decoder(nn.Module):
@@ -168,7 +169,7 @@ class Decoder(nn.Module):
         h = self.mid(self.conv_in(z))  # (B, ch*ch_mult[-1], H/f, W/f)
         for level in reversed(self.up):
             h = level(h)  # ... -> (B, ch, H, W)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h), inplace=True))
 
 
 class DiagonalGaussian:
