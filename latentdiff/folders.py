@@ -11,7 +11,6 @@ them with zeros (a zero pre-norm block is the identity) and logs their names, so
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -151,7 +150,7 @@ def read_folder(path, config: ModelConfig | None = None, prediction_type: str | 
         config_from = "the config argument"
     cfg = resolve_prediction_type(config, prediction_type, config_from, {}, None)
     files = {sub: _weights_file(path / sub) for sub in ["unet", "vae", *text_dirs]}
-    jobs = {(sub, k): functools.partial(f.get, k, dtype) for sub, f in files.items() for k in f.entries}
+    jobs = {(sub, k): (lambda f=f, k=k: f.get(k, dtype).to(device)) for sub, f in files.items() for k in f.entries}
     with read_in_background(jobs) as tensors:  # converts while build_modules imports transformers
         modules = build_modules(cfg)
         read = tensors()
@@ -169,7 +168,7 @@ def read_folder(path, config: ModelConfig | None = None, prediction_type: str | 
                 log.info("%s: %d tensors the diffusers format does not hold are zero-filled: %s%s", sub,
                          len(absent), ", ".join(absent[:4]), " ..." if len(absent) > 4 else "")
         try:
-            sd = convert({k: read[sub, k] for k in f.entries})
+            sd = convert({k: read.pop((sub, k)) for k in f.entries})  # pop: what convert copies is not held twice
         except ValueError as e:
             raise CheckpointError(f"{f.path}: {e}") from e
         _load_strict(mod, sd, f.path, dtype, device)

@@ -11,7 +11,6 @@ diffusers folders: see `latentdiff/folders.py`; its rename tables live in `laten
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import mmap
@@ -329,13 +328,14 @@ def read_single_file(path, config=None, prediction_type=None, dtype=None, device
     else:
         cfg = detect(shapes, path)
         log.info("detected %s from the key layout of %s", cfg.name, path)
-    jobs = {k: functools.partial(get, k, dtype) for k in shapes if not is_ignored(k)}
+    # each tensor goes to the device as it is read: a GPU load never holds the whole model on the host
+    jobs = {k: (lambda k=k: get(k, dtype).to(device)) for k in shapes if not is_ignored(k)}
     with read_in_background(jobs) as tensors:
         modules = build_modules(cfg)
         check_keys(path, expected_shapes(cfg, modules), shapes)
         cfg = resolve_prediction_type(cfg, prediction_type, config_from, metadata, get)
         read = tensors()
-    load_parts(cfg, modules, lambda key, _dtype: read[key], path, dtype, device)
+    load_parts(cfg, modules, lambda key, _dtype: read.pop(key), path, dtype, device)
     return cfg, modules
 
 
