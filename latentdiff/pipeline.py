@@ -241,25 +241,17 @@ class Pipeline:
         return images
 
     def load_preview(self, path) -> None:
-        """Read a preview decoder (latentdiff/models/preview.py) written by `python -m latentdiff.train.preview`;
-        latentdiff.load() does this on its own for `<model>.preview.safetensors` next to the model file."""
-        from .models.preview import PreviewConfig, PreviewDecoder
-        from .weights import CheckpointError, SafetensorsFile, check_keys
+        """Read a preview decoder: ours, written by `python -m latentdiff.train.preview` (latentdiff.load() does
+        this on its own for `<model>.preview.safetensors` next to the model file), or a released TAESD decoder
+        (`taesd_decoder.safetensors` for SD 1.x / 2.x, `taesdxl_decoder.safetensors` for SDXL)."""
+        from .models.preview import read_preview
+        from .weights import CheckpointError
 
-        f = SafetensorsFile(path)
-        if f.metadata.get("format") != "latentdiff-preview":
-            raise CheckpointError(f"{path}: not a preview decoder (no 'format: latentdiff-preview' in its metadata)")
-        try:
-            model = PreviewDecoder(PreviewConfig.from_metadata(f.metadata))
-        except (KeyError, ValueError) as e:
-            raise CheckpointError(f"{path}: preview decoder metadata {f.metadata} lacks or garbles {e}") from e
-        if model.cfg.latent_channels != self.cfg.vae.z_channels:
-            raise CheckpointError(f"{path}: preview decoder for {model.cfg.latent_channels} latent channels, this "
+        model = read_preview(path)
+        if model.latent_channels != self.cfg.vae.z_channels:
+            raise CheckpointError(f"{path}: preview decoder for {model.latent_channels} latent channels, this "
                                   f"model's VAE has {self.cfg.vae.z_channels}")
-        want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        check_keys(path, want, f.shapes())
-        model.load_state_dict({k: f.get(k, torch.float32) for k in want})
-        self.preview_decoder = model.eval().requires_grad_(False)
+        self.preview_decoder = model
 
     def preview(self, latents: torch.Tensor) -> list[Image.Image]:
         """Latents (B, 4, h, w) as the sampler holds them (e.g. in a callback) -> rough PIL images, from the tiny

@@ -106,3 +106,51 @@ def test_shipped_preview_is_close_to_the_vae_decode(name):
 # measured per image on these 4 prompts: emoji 18.5-23.4 dB, shapes 27.4-29.9 dB; with 4 more prompts each,
 # 17.4-25.2 (20.7 over all 8) and 26.1-31.8 (28.9); on held-out posteriors 21.3 (emoji) and 29.1 dB (shapes)
 PREVIEW_PSNR = {"emoji": 18.0, "shapes": 25.0}
+
+
+def test_taesd_decoder_files_match_diffusers_autoencoder_tiny(tmp_path):
+    """A released TAESD decoder, in both of its layouts (the original `taesd_decoder.safetensors` keys "1.weight",
+    ... and diffusers' AutoencoderTiny file), decodes as diffusers' AutoencoderTiny does (seeded weights)."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    tiny = diffusers.AutoencoderTiny().eval()
+    for p in tiny.parameters():  # a fresh init has zero biases; make every weight count
+        p.data.normal_(0, 0.05)
+    sd = tiny.state_dict()
+    original = {f"{int(k.split('.')[2]) + 1}.{k.split('.', 3)[3]}": v  # decoder.layers.N.x -> N+1.x
+                for k, v in sd.items() if k.startswith("decoder.")}
+    assert "1.weight" in original and "3.conv.0.weight" in original and "19.weight" in original
+    save_file(original, tmp_path / "taesd_decoder.safetensors")
+    save_file(sd, tmp_path / "diffusion_pytorch_model.safetensors")  # encoder keys too: not read
+    z = torch.randn(2, 4, 8, 6, generator=torch.Generator().manual_seed(1)) * 4  # some beyond TAESD's clamp at 3
+    with torch.inference_mode():
+        want = tiny.decode(z).sample
+    assert want.shape == (2, 3, 64, 48)
+    pipe = tiny_pipe("tiny-sd15")
+    for name in ("taesd_decoder.safetensors", "diffusion_pytorch_model.safetensors"):
+        pipe.load_preview(tmp_path / name)
+        with torch.inference_mode():
+            got = pipe.preview_decoder(z)
+        assert (got - want).abs().max() < 1e-5, name
+        assert pipe.preview(z)[0].size == (48, 64)
+
+
+def test_taesd_files_with_problems_are_named(tmp_path):
+    pipe = tiny_pipe("tiny-sd15")
+    good = {k: v for k, v in PreviewDecoder(PreviewConfig()).state_dict().items()}  # ours, without the metadata
+    save_file(good, tmp_path / "neither.safetensors")
+    with pytest.raises(CheckpointError, match="neither.safetensors: not a preview decoder .* and not a TAESD decoder"):
+        pipe.load_preview(tmp_path / "neither.safetensors")
+    from latentdiff.models.preview import TAESDDecoder
+
+    sd = TAESDDecoder(latent_channels=16).state_dict()  # a TAESD3 / FLUX decoder: 16 latent channels
+    save_file(sd, tmp_path / "taesd3_decoder.safetensors")
+    with pytest.raises(CheckpointError, match="16 latent channels, this model's VAE has 4"):
+        pipe.load_preview(tmp_path / "taesd3_decoder.safetensors")
+    sd = TAESDDecoder().state_dict()
+    del sd["18.conv.4.bias"]
+    save_file(sd, tmp_path / "cut.safetensors")
+    before = pipe.preview_decoder
+    with pytest.raises(CheckpointError, match=r"cut.safetensors.*missing keys: 18\.conv\.4\.bias"):
+        pipe.load_preview(tmp_path / "cut.safetensors")
+    assert pipe.preview_decoder is before  # nothing half-loaded

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 SUFFIX = ".preview.safetensors"  # a model's preview decoder lies next to it: emoji.preview.safetensors
@@ -41,6 +42,7 @@ class PreviewDecoder(nn.Module):
     def __init__(self, cfg: PreviewConfig):
         super().__init__()
         self.cfg = cfg
+        self.latent_channels = cfg.latent_channels  # as TAESDDecoder's: what Pipeline.load_preview checks
         w = cfg.width
         layers = [nn.Conv2d(cfg.latent_channels, w, 3, padding=1), nn.ReLU()]
         for _ in range(cfg.upsamples):  # each level: (B, width, h, w) -> (B, width, 2h, 2w)
@@ -51,6 +53,74 @@ class PreviewDecoder(nn.Module):
 
     def forward(self, z):
         return self.layers(z)  # not clamped: training sees the raw error; Pipeline.preview clamps
+
+
+class _Clamp(nn.Module):
+    def forward(self, z):
+        return torch.tanh(z / 3) * 3  # TAESD's soft clamp of the latents to +-3
+
+
+class _TAESDBlock(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+                                  nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+                                  nn.Conv2d(width, width, 3, padding=1))
+        self.fuse = nn.ReLU()
+
+    def forward(self, x):
+        return self.fuse(self.conv(x) + x)  # the released decoders' blocks keep their width: the skip is identity
+
+
+class TAESDDecoder(nn.Sequential):
+    """The decoder of TAESD (github.com/madebyollin/taesd, MIT), a distilled SD / SDXL VAE decoder released as
+    `taesd_decoder.safetensors` / `taesdxl_decoder.safetensors`; a Sequential, so its indices are the released
+    keys ("1.weight", "3.conv.0.weight", ..., "19.weight"). Latents as the sampler holds them (B, C, h, w) ->
+    (B, 3, 8h, 8w) in about [-1, 1] (TAESD itself outputs [0, 1])."""
+
+    def __init__(self, latent_channels: int = 4, width: int = 64):
+        layers = [_Clamp(), nn.Conv2d(latent_channels, width, 3, padding=1), nn.ReLU()]
+        for _ in range(3):  # three times: 3 blocks, 2x nearest upsample, conv without bias
+            layers += [_TAESDBlock(width) for _ in range(3)]
+            layers += [nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(width, width, 3, padding=1, bias=False)]
+        layers += [_TAESDBlock(width), nn.Conv2d(width, 3, 3, padding=1)]
+        super().__init__(*layers)
+        self.latent_channels = latent_channels
+
+    def forward(self, z):
+        return super().forward(z) * 2 - 1
+
+
+def read_preview(path) -> nn.Module:
+    """A preview decoder file -> the module, in fp32 on the CPU: ours (written by `save_preview`, config in the
+    metadata) or a released TAESD decoder, either as `taesd*_decoder.safetensors` or as the diffusers
+    `AutoencoderTiny` file (its `decoder.layers.N.*` are TAESD's `N+1.*`; the encoder's keys are not read).
+    Keys and shapes are checked like a checkpoint's; nothing is half-loaded."""
+    from ..weights import CheckpointError, SafetensorsFile, check_keys
+
+    f = SafetensorsFile(path)
+    shapes = f.shapes()
+    if f.metadata.get("format") == "latentdiff-preview":
+        try:
+            model = PreviewDecoder(PreviewConfig.from_metadata(f.metadata))
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"{path}: preview decoder metadata {f.metadata} lacks or garbles {e}") from e
+        names = {k: k for k in shapes}
+    elif "1.weight" in shapes or "decoder.layers.0.weight" in shapes:
+        diffusers = "decoder.layers.0.weight" in shapes
+        names = {(f"{int(k.split('.')[2]) + 1}." + k.split(".", 3)[3] if diffusers else k): k
+                 for k in shapes if not diffusers or k.startswith("decoder.layers.")}
+        first = shapes["decoder.layers.0.weight" if diffusers else "1.weight"]
+        if len(first) != 4:
+            raise CheckpointError(f"{path}: TAESD decoder's first conv weight has shape {list(first)}")
+        model = TAESDDecoder(latent_channels=first[1], width=first[0])
+    else:
+        raise CheckpointError(f"{path}: not a preview decoder (no 'format: latentdiff-preview' in its metadata) "
+                              "and not a TAESD decoder (no key '1.weight' or 'decoder.layers.0.weight')")
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    check_keys(path, want, {ours: shapes[theirs] for ours, theirs in names.items()})
+    model.load_state_dict({k: f.get(names[k], torch.float32) for k in want})
+    return model.eval().requires_grad_(False)
 
 
 def save_preview(model: PreviewDecoder, path, extra: dict[str, str] | None = None) -> None:
