@@ -6,6 +6,9 @@ stored next to the model as `<name>.preview.safetensors` and used by `Pipeline.p
 Shapes: latents (B, C, h, w) as the sampler holds them (scaled by the VAE's scaling factor) -> (B, 3, f*h, f*w)
 in about [-1, 1], f = 2 ** upsamples (the VAE's own factor). Plain convs and ReLUs, `width` channels throughout:
 no norms, no attention, so it costs a few percent of the VAE decoder it imitates.
+
+For released SD checkpoints, which have no such file, `read_preview` also reads TAESD's released decoders
+(`TAESDDecoder`), the tiny decoders ComfyUI and A1111 use for their previews.
 """
 from __future__ import annotations
 
