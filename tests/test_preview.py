@@ -133,6 +133,14 @@ def test_taesd_decoder_files_match_diffusers_autoencoder_tiny(tmp_path):
             got = pipe.preview_decoder(z)
         assert (got - want).abs().max() < 1e-5, name
         assert pipe.preview(z)[0].size == (48, 64)
+    pipe.save(tmp_path / "model.safetensors")  # the TAESD decoder goes along (fp16, TAESD's keys); load() takes it
+    again = latentdiff.load(tmp_path / "model.safetensors", dtype=torch.float32)
+    with torch.inference_mode():
+        assert (again.preview_decoder(z) - want).abs().max() < 5e-3 * want.abs().max()  # fp16 weights: 1.5e-3
+    (tmp_path / "taesd_decoder.safetensors").rename(tmp_path / "model.preview.safetensors")  # a released file, renamed
+    again = latentdiff.load(tmp_path / "model.safetensors", dtype=torch.float32)
+    with torch.inference_mode():
+        assert (again.preview_decoder(z) - want).abs().max() < 1e-5
 
 
 def test_taesd_files_with_problems_are_named(tmp_path):

@@ -126,9 +126,11 @@ def read_preview(path) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def save_preview(model: PreviewDecoder, path, extra: dict[str, str] | None = None) -> None:
-    """fp16 weights and the config in the metadata, as Pipeline.load_preview reads them."""
+def save_preview(model: PreviewDecoder | TAESDDecoder, path, extra: dict[str, str] | None = None) -> None:
+    """fp16 weights, as `read_preview` reads them: ours with its config in the metadata, a TAESD decoder in
+    TAESD's own keys (its file is recognised by them)."""
     from ..weights import write_safetensors
 
-    meta = {**model.cfg.to_metadata(), "format": "latentdiff-preview", **(extra or {})}
+    meta = {**model.cfg.to_metadata(), "format": "latentdiff-preview"} if isinstance(model, PreviewDecoder) else {}
+    meta.update(extra or {})
     write_safetensors(path, {k: v.half().contiguous() for k, v in model.state_dict().items()}, meta)
