@@ -258,7 +258,8 @@ class Pipeline:
         preview decoder instead of the VAE (shipped emoji model: see checkpoints/emoji.md for its PSNR and cost)."""
         if self.preview_decoder is None:
             raise RuntimeError(f"{self.source or self.cfg.name} has no preview decoder: train one with "
-                               "`python -m latentdiff.train.preview` and call pipe.load_preview(path)")
+                               "`python -m latentdiff.train.preview` or take a released TAESD decoder "
+                               "(taesd_decoder.safetensors), and call pipe.load_preview(path)")
         with torch.inference_mode():
             return _to_pil(self.preview_decoder(latents.detach().float().cpu()))
 

@@ -45,7 +45,6 @@ class PreviewDecoder(nn.Module):
     def __init__(self, cfg: PreviewConfig):
         super().__init__()
         self.cfg = cfg
-        self.latent_channels = cfg.latent_channels  # as TAESDDecoder's: what Pipeline.load_preview checks
         w = cfg.width
         layers = [nn.Conv2d(cfg.latent_channels, w, 3, padding=1), nn.ReLU()]
         for _ in range(cfg.upsamples):  # each level: (B, width, h, w) -> (B, width, 2h, 2w)
@@ -53,6 +52,10 @@ class PreviewDecoder(nn.Module):
                        nn.Conv2d(w, w, 3, padding=1), nn.ReLU(), nn.Conv2d(w, w, 3, padding=1), nn.ReLU()]
         layers.append(nn.Conv2d(w, 3, 3, padding=1))
         self.layers = nn.Sequential(*layers)
+
+    @property
+    def latent_channels(self) -> int:  # as TAESDDecoder's: what Pipeline.load_preview checks
+        return self.cfg.latent_channels
 
     def forward(self, z):
         return self.layers(z)  # not clamped: training sees the raw error; Pipeline.preview clamps
