@@ -1,6 +1,7 @@
 """End-to-end parity with diffusers' pipelines on identical tiny weights, and argument checking."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -117,7 +118,7 @@ def test_inpaint_regular_checkpoint_keeps_the_known_region():
     img, mask = _test_image(2), _mask()
     out = pipe.inpaint(PROMPT, img, mask, steps=6, seed=0, output="latent", progress=False)
     gen = torch.Generator("cpu").manual_seed(0)
-    x0 = pipe._encode_image(torch.from_numpy(__import__("numpy").asarray(img)).permute(2, 0, 1)[None] / 127.5 - 1, gen)
+    x0 = pipe._encode_image(torch.from_numpy(np.array(img)).permute(2, 0, 1)[None] / 127.5 - 1, gen)
     keep = (slice(None), slice(None), slice(None), slice(4, 8))  # right half of the 8x8 latent is kept
     assert torch.allclose(out[keep], x0[keep], atol=1e-5)
     assert not torch.allclose(out[..., :4], x0[..., :4], atol=1e-2)

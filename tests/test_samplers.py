@@ -305,7 +305,7 @@ def test_leading_spacing_init_noise_sigma():
 
 def test_sigma_to_t_off_grid_matches_diffusers():
     sched = diffusers_scheduler("EulerDiscreteScheduler", "epsilon")
-    log_sigmas = np.log(np.array(((1 - sched.alphas_cumprod) / sched.alphas_cumprod) ** 0.5))
+    log_sigmas = np.log((((1 - sched.alphas_cumprod) / sched.alphas_cumprod) ** 0.5).numpy())
     sig = np.array([0.03, 0.5, 1.234, 7.0, 14.0])
     ref = sched._sigma_to_t(sig, log_sigmas)
     ours = schedules.sigma_to_t(torch.tensor(sig), torch.from_numpy(log_sigmas))
