@@ -288,16 +288,13 @@ def read_in_background(jobs: dict):
             stop.set()
 
 
-def load_parts(cfg: ModelConfig, modules: dict, get, path, dtype: torch.dtype | None, device="cpu") -> None:
-    """Fill the meta-device `modules` from `get(key, dtype) -> tensor` (full single-file keys), strictly."""
+def load_parts(cfg: ModelConfig, modules: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Fill the meta-device `modules` strictly from `tensors` (full single-file keys, already in the target dtype
+    and on the device), popping each as it is assigned so no tensor is referenced twice."""
     root = nn.ModuleDict({"unet": modules["unet"], "vae": modules["vae"], "text_encoders": modules["text_encoders"]})
     for part, prefix in part_prefixes(cfg):
         mod = root.get_submodule(part)
-        names = mod.state_dict().keys()
-        sd = {}
-        for k in names:
-            sd[k] = get(prefix + k, dtype).to(device)
-        mod.load_state_dict(sd, strict=True, assign=True)
+        mod.load_state_dict({k: tensors.pop(prefix + k) for k in mod.state_dict()}, strict=True, assign=True)
 
 
 def read_single_file(path, config=None, prediction_type=None, dtype=None, device="cpu"):
@@ -335,7 +332,7 @@ def read_single_file(path, config=None, prediction_type=None, dtype=None, device
         check_keys(path, expected_shapes(cfg, modules), shapes)
         cfg = resolve_prediction_type(cfg, prediction_type, config_from, metadata, get)
         read = tensors()
-    load_parts(cfg, modules, lambda key, _dtype: read.pop(key), path, dtype, device)
+    load_parts(cfg, modules, read)
     return cfg, modules
 
 
