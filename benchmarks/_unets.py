@@ -50,7 +50,7 @@ def diffusers_twin(ours: UNetModel):
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
 
-    from latentdiff.diffusers_format.unet import diffusers_config, to_diffusers
+    from latentdiff.weights.diffusers.unet import diffusers_config, to_diffusers
 
     with init_empty_weights():
         theirs = UNet2DConditionModel(**diffusers_config(ours.cfg))

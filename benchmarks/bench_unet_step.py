@@ -4,7 +4,7 @@
     python benchmarks/bench_unet_step.py --size 256 --variants ours:fp32 ours:bf16 ours:bf16:cl diffusers:fp32
 
 Both libraries hold the very same weight tensors (diffusers' model is filled from ours through
-``latentdiff.diffusers_format.unet.to_diffusers``). Variants run in rounds, A B C A B C ..., so drift of a noisy
+``latentdiff.weights.diffusers.unet.to_diffusers``). Variants run in rounds, A B C A B C ..., so drift of a noisy
 machine hits all of them alike; medians are printed, then each variant's ratio to the last one (the yardstick,
 by default diffusers fp32). A variant is ``lib:dtype[:cl][:packed]``: lib ours | diffusers, dtype fp32 | bf16 |
 fp16, ``cl`` = channels-last memory format for weights and input, ``packed`` = conv weights prepacked as the

@@ -49,7 +49,7 @@ def load(path: str | os.PathLike | None = None, *, device: str | torch.device = 
     torch.float32 = the exact path, bit for bit diffusers' fp32.
     """
     from . import speed, weights
-    from .models import preview
+    from .weights import preview
 
     exact = dtype == torch.float32
     dtype = speed.default_dtype(device) if dtype is None else dtype
@@ -61,7 +61,7 @@ def load(path: str | os.PathLike | None = None, *, device: str | torch.device = 
     if not p.exists() and not p.suffix:
         p = _find(str(path)) or p
     if p.is_dir():
-        from .folders import read_folder
+        from .weights.folder import read_folder
 
         cfg, modules = read_folder(p, config=config, prediction_type=prediction_type, dtype=dtype, device=device)
     elif p.is_file():

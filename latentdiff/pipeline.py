@@ -244,7 +244,7 @@ class Pipeline:
         """Read a preview decoder: ours, written by `python -m latentdiff.train.preview` (latentdiff.load() does
         this on its own for `<model>.preview.safetensors` next to the model file), or a released TAESD decoder
         (`taesd_decoder.safetensors` for SD 1.x / 2.x, `taesdxl_decoder.safetensors` for SDXL)."""
-        from .models.preview import read_preview
+        from .weights.preview import read_preview
         from .weights import CheckpointError
 
         model = read_preview(path)
@@ -357,11 +357,11 @@ class Pipeline:
         if format == "single_file":
             weights.save_single_file(path, self.cfg, modules, dtype)
             if self.preview_decoder is not None:
-                from .models.preview import preview_path, save_preview
+                from .weights.preview import preview_path, save_preview
 
                 save_preview(self.preview_decoder, preview_path(path))
         elif format == "diffusers":
-            from .folders import save_folder
+            from .weights.folder import save_folder
 
             save_folder(path, self.cfg, modules, dtype)
         else:

@@ -9,7 +9,8 @@ from safetensors.torch import save_file
 
 import latentdiff
 from conftest import tiny_pipe
-from latentdiff.models.preview import PreviewConfig, PreviewDecoder, save_preview
+from latentdiff.models.preview import PreviewConfig, PreviewDecoder
+from latentdiff.weights.preview import save_preview
 from latentdiff.train import preview as train_preview
 from latentdiff.weights import CheckpointError
 

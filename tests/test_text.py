@@ -8,7 +8,7 @@ import transformers
 
 from conftest import layout, perturb
 from latentdiff.config import PRESETS, TextEncoderConfig
-from latentdiff.diffusers_format import text as dtext
+from latentdiff.weights.diffusers import text as dtext
 from latentdiff.models.text import CLIPTextEncoder, OpenCLIPTextEncoder, Tokenizer, build_text_encoder
 
 PROMPTS = [

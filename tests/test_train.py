@@ -156,7 +156,7 @@ def test_one_step_matches_diffusers(prediction_type):
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     from latentdiff.config import load_config
-    from latentdiff.diffusers_format.unet import diffusers_config, to_diffusers
+    from latentdiff.weights.diffusers.unet import diffusers_config, to_diffusers
     from latentdiff.models.unet import UNetModel
     from latentdiff.sampling.schedules import alphas_cumprod
     from latentdiff.train.objective import unet_loss

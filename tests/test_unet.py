@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from latentdiff.config import SD15, SD21, SDXL, TINY_SD15, TINY_SD21, TINY_SDXL, UNetConfig, with_inpainting
-from latentdiff.diffusers_format.unet import diffusers_config, from_diffusers, to_diffusers
+from latentdiff.weights.diffusers.unet import diffusers_config, from_diffusers, to_diffusers
 from latentdiff.models.layers import timestep_embedding
 from latentdiff.models.unet import UNetModel, sdxl_vector
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from latentdiff.config import SD15, SDXL, TINY_SD15
-from latentdiff.diffusers_format.vae import diffusers_config, from_diffusers, to_diffusers
+from latentdiff.weights.diffusers.vae import diffusers_config, from_diffusers, to_diffusers
 from latentdiff.models.vae import AutoencoderKL
 
 diffusers = pytest.importorskip("diffusers")

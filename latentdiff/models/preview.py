@@ -7,24 +7,15 @@ Shapes: latents (B, C, h, w) as the sampler holds them (scaled by the VAE's scal
 in about [-1, 1], f = 2 ** upsamples (the VAE's own factor). Plain convs and ReLUs, `width` channels throughout:
 no norms, no attention, so it costs a few percent of the VAE decoder it imitates.
 
-For released SD checkpoints, which have no such file, `read_preview` also reads TAESD's released decoders
+For released SD checkpoints, which have no such file, `weights/preview.py` also reads TAESD's released decoders
 (`TAESDDecoder`), the tiny decoders ComfyUI and A1111 use for their previews.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
-
-SUFFIX = ".preview.safetensors"  # a model's preview decoder lies next to it: emoji.preview.safetensors
-
-
-def preview_path(model_path) -> Path:
-    """Where the preview decoder of the single file `model_path` lies (x.safetensors -> x.preview.safetensors)."""
-    model_path = Path(model_path)
-    return model_path.with_name(model_path.stem + SUFFIX)
 
 
 @dataclass(frozen=True)
@@ -95,45 +86,3 @@ class TAESDDecoder(nn.Sequential):
 
     def forward(self, z):
         return super().forward(z) * 2 - 1
-
-
-def read_preview(path) -> nn.Module:
-    """A preview decoder file -> the module, in fp32 on the CPU: ours (written by `save_preview`, config in the
-    metadata) or a released TAESD decoder, either as `taesd*_decoder.safetensors` or as the diffusers
-    `AutoencoderTiny` file (its `decoder.layers.N.*` are TAESD's `N+1.*`; the encoder's keys are not read).
-    Keys and shapes are checked like a checkpoint's; nothing is half-loaded."""
-    from ..weights import CheckpointError, SafetensorsFile, check_keys
-
-    f = SafetensorsFile(path)
-    shapes = f.shapes()
-    if f.metadata.get("format") == "latentdiff-preview":
-        try:
-            model = PreviewDecoder(PreviewConfig.from_metadata(f.metadata))
-        except (KeyError, ValueError) as e:
-            raise CheckpointError(f"{path}: preview decoder metadata {f.metadata} lacks or garbles {e}") from e
-        names = {k: k for k in shapes}
-    elif "1.weight" in shapes or "decoder.layers.0.weight" in shapes:
-        diffusers = "decoder.layers.0.weight" in shapes
-        names = {(f"{int(k.split('.')[2]) + 1}." + k.split(".", 3)[3] if diffusers else k): k
-                 for k in shapes if not diffusers or k.startswith("decoder.layers.")}
-        first = shapes["decoder.layers.0.weight" if diffusers else "1.weight"]
-        if len(first) != 4:
-            raise CheckpointError(f"{path}: TAESD decoder's first conv weight has shape {list(first)}")
-        model = TAESDDecoder(latent_channels=first[1], width=first[0])
-    else:
-        raise CheckpointError(f"{path}: not a preview decoder (no 'format: latentdiff-preview' in its metadata) "
-                              "and not a TAESD decoder (no key '1.weight' or 'decoder.layers.0.weight')")
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    check_keys(path, want, {ours: shapes[theirs] for ours, theirs in names.items()})
-    model.load_state_dict({k: f.get(names[k], torch.float32) for k in want})
-    return model.eval().requires_grad_(False)
-
-
-def save_preview(model: PreviewDecoder | TAESDDecoder, path, extra: dict[str, str] | None = None) -> None:
-    """fp16 weights, as `read_preview` reads them: ours with its config in the metadata, a TAESD decoder in
-    TAESD's own keys (its file is recognised by them)."""
-    from ..weights import write_safetensors
-
-    meta = {**model.cfg.to_metadata(), "format": "latentdiff-preview"} if isinstance(model, PreviewDecoder) else {}
-    meta.update(extra or {})
-    write_safetensors(path, {k: v.half().contiguous() for k, v in model.state_dict().items()}, meta)

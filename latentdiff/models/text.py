@@ -65,7 +65,7 @@ def _eot_index(ids: torch.Tensor) -> torch.Tensor:
 
 
 def clip_config_kwargs(cfg: TextEncoderConfig, layers: int | None = None) -> dict:
-    """transformers CLIPTextConfig kwargs for ``cfg`` (``layers`` overrides the depth, see diffusers_format)."""
+    """transformers CLIPTextConfig kwargs for ``cfg`` (``layers`` overrides the depth, see weights/diffusers/text.py)."""
     return dict(
         vocab_size=cfg.vocab_size, hidden_size=cfg.width, intermediate_size=int(cfg.width * cfg.mlp_ratio),
         num_hidden_layers=cfg.layers if layers is None else layers, num_attention_heads=cfg.heads,

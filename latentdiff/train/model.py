@@ -26,7 +26,7 @@ def build_model(tc: TrainConfig) -> tuple[ModelConfig, dict]:
     if tc.init_from:
         p = Path(tc.init_from)
         if p.is_dir():
-            from latentdiff.folders import read_folder
+            from latentdiff.weights.folder import read_folder
 
             cfg, modules = read_folder(p, prediction_type=tc.prediction_type, dtype=torch.float32)
         else:

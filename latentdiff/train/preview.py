@@ -20,7 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..models.preview import PreviewConfig, PreviewDecoder, save_preview
+from ..models.preview import PreviewConfig, PreviewDecoder
+from ..weights.preview import save_preview
 
 # The shipped previews use width 32 (their PSNR is in the model cards); wider was not tried.
 WIDTH = 32

@@ -1,6 +1,6 @@
 """diffusers-format folders: read (model_index.json, unet/, vae/, text_encoder(_2)/, scheduler/) and write.
 
-The rename tables are in diffusers_format/; this file maps the folder's JSON configs to ours and back.
+The rename tables are in weights/diffusers/; this file maps the folder's JSON configs to ours and back.
 The tokenizer is always ours (open_clip's BPE); on save we also write CLIP tokenizer files built from that same
 BPE, so diffusers' `from_pretrained(folder)` works offline.
 
@@ -22,22 +22,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
-from .diffusers_format import text as text_fmt
-from .diffusers_format import unet as unet_fmt
-from .diffusers_format import vae as vae_fmt
-from .models.bpe import BPE
-from .weights import (CheckpointError, SafetensorsFile, build_modules, check_keys, read_in_background,
-                      resolve_prediction_type, write_safetensors)
+from ..config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from ..models.bpe import BPE
+from .diffusers import text as text_fmt
+from .diffusers import unet as unet_fmt
+from .diffusers import vae as vae_fmt
+from .io import CheckpointError, SafetensorsFile, read_in_background, write_safetensors
+from .layout import build_modules, check_keys, resolve_prediction_type
 
 log = logging.getLogger("latentdiff")
 
 DIFFUSERS_VERSION = "0.42.1"
 TEXT_DIRS = ("text_encoder", "text_encoder_2")
-
-
-def _role(cfg: ModelConfig) -> str:
-    return {"sd1": "sd1", "sd2": "sd2", "sdxl": "sdxl"}[cfg.family]
 
 
 def _pooled_dim(cfg: ModelConfig) -> int:
@@ -158,12 +154,12 @@ def read_folder(path, config: ModelConfig | None = None, prediction_type: str | 
              ("vae", modules["vae"], lambda sd: vae_fmt.from_diffusers(sd, cfg.vae))]
     for i, t in enumerate(text_dirs):
         parts.append((t, modules["text_encoders"][i],
-                      lambda sd, i=i: text_fmt.from_diffusers(sd, cfg.text[i], _role(cfg))))
+                      lambda sd, i=i: text_fmt.from_diffusers(sd, cfg.text[i], cfg.family)))
     for sub, mod, convert in parts:
         f = files[sub]
         if sub.startswith("text_encoder"):
             i = TEXT_DIRS.index(sub)
-            absent = text_fmt.absent_in_diffusers(cfg.text[i], _role(cfg))
+            absent = text_fmt.absent_in_diffusers(cfg.text[i], cfg.family)
             if absent:
                 log.info("%s: %d tensors the diffusers format does not hold are zero-filled: %s%s", sub,
                          len(absent), ", ".join(absent[:4]), " ..." if len(absent) > 4 else "")
@@ -264,13 +260,13 @@ def _write_folder(root: Path, cfg: ModelConfig, modules: dict, dtype) -> None:
              "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "EulerDiscreteScheduler"]}
     for i, tcfg in enumerate(cfg.text):
         sub = TEXT_DIRS[i]
-        kw = text_fmt.diffusers_config(tcfg, _role(cfg))
+        kw = text_fmt.diffusers_config(tcfg, cfg.family)
         with_proj = cfg.family == "sdxl" and i == 1
         cls = "CLIPTextModelWithProjection" if with_proj else "CLIPTextModel"
         tconf = transformers.CLIPTextConfig(**kw)
         tconf.architectures = [cls]
         component(sub, tconf.to_dict(), text_fmt.to_diffusers(modules["text_encoders"][i].state_dict(), tcfg,
-                                                               _role(cfg)), "model.safetensors")
+                                                               cfg.family), "model.safetensors")
         tok = "tokenizer" if i == 0 else "tokenizer_2"
         _write_tokenizer(root / tok, "!" if tcfg.pad_id == 0 else "<|endoftext|>")
         index[sub] = ["transformers", cls]

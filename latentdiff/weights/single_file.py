@@ -1,0 +1,77 @@
+"""Single files (original CompVis / Stability layout), read and written.
+
+A single file is split by key prefix into the U-Net, VAE and text encoder(s) (see layout.py); each part loads
+with a prefix strip and a strict check. Modules are built with their parameters on the meta device and take the
+file's tensors by assignment, so nothing is initialised twice and an fp16 file stays fp16 (or goes straight to
+bf16) with no fp32 detour.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig
+from .io import CheckpointError, SafetensorsFile, read_ckpt, read_in_background, write_safetensors
+from .layout import (CONFIG_KEY, build_modules, check_keys, detect, expected_shapes, is_ignored, parts,
+                     resolve_prediction_type, state_dict_of)
+
+log = logging.getLogger("latentdiff")
+
+
+def load_parts(cfg: ModelConfig, modules: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Fill the meta-device `modules` strictly from `tensors` (full single-file keys, already in the target dtype
+    and on the device), popping each as it is assigned so no tensor is referenced twice."""
+    for prefix, mod in parts(cfg, modules):
+        mod.load_state_dict({k: tensors.pop(prefix + k) for k in mod.state_dict()}, strict=True, assign=True)
+
+
+def read_single_file(path, config=None, prediction_type=None, dtype=None, device="cpu"):
+    """Open a `.safetensors` / `.ckpt` single file -> (resolved ModelConfig, modules dict)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        sd = read_ckpt(path)
+        shapes, metadata = {k: tuple(v.shape) for k, v in sd.items()}, {}
+
+        def get(key, dtype=None):
+            t = sd[key]
+            return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    else:
+        f = SafetensorsFile(path)
+        shapes, metadata = f.shapes(), f.metadata
+        get = f.get
+    config_from = None
+    if config is not None:
+        cfg, config_from = config, "the config argument"
+    elif CONFIG_KEY in metadata:
+        try:
+            cfg = ModelConfig.from_json(metadata[CONFIG_KEY])
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{path}: metadata '{CONFIG_KEY}' is not a valid config: {e}") from e
+        config_from = "the config stored in the file"
+    else:
+        cfg = detect(shapes, path)
+        log.info("detected %s from the key layout of %s", cfg.name, path)
+    # each tensor goes to the device as it is read: a GPU load never holds the whole model on the host
+    jobs = {k: (lambda k=k: get(k, dtype).to(device)) for k in shapes if not is_ignored(k)}
+    with read_in_background(jobs) as tensors:
+        modules = build_modules(cfg)
+        check_keys(path, expected_shapes(cfg, modules), shapes)
+        cfg = resolve_prediction_type(cfg, prediction_type, config_from, metadata, get)
+        read = tensors()
+    load_parts(cfg, modules, read)
+    return cfg, modules
+
+
+# --- writing ----------------------------------------------------------------------------------------------
+
+
+def save_single_file(path, cfg: ModelConfig, modules: dict, dtype: torch.dtype | None = None,
+                     extra_metadata: dict | None = None) -> None:
+    sd = state_dict_of(cfg, modules)
+    if dtype is not None:
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    write_safetensors(path, sd, {CONFIG_KEY: cfg.to_json(), "format": "pt", **(extra_metadata or {})})
