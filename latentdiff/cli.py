@@ -1,20 +1,20 @@
-"""`latentdiff generate | convert | bench | eval | data` (training: `accelerate launch train.py`)."""
+"""`latentdiff generate | convert | eval | data` (training: `accelerate launch train.py`; benchmarks against
+diffusers: `python benchmarks/bench_vs_diffusers.py`, a script of the repository since it imports diffusers)."""
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
 
-import torch
+from .speed import DTYPES
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULTS = {"seed": 0, "schedule": "normal", "num_images": 1, "guidance_rescale": 0.0}
 
 
 def _generate(a) -> None:
     import latentdiff
     from latentdiff.params import read_png_parameters
-    from latentdiff.pipeline import image_grid, save_png
+    from latentdiff.images import image_grid, save_png
 
     if a.random_preset:
         print(f"note: using the '{a.random_preset}' preset with RANDOM weights (no trained model given): "
@@ -100,10 +100,6 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None)
     c.set_defaults(func=_convert)
 
-    b = sub.add_parser("bench", help="speed, memory and load time against diffusers (benchmarks/)", add_help=False)
-    b.add_argument("args", nargs=argparse.REMAINDER)
-    b.set_defaults(func=lambda a: __import__("latentdiff.bench", fromlist=["main"]).main(a.args))
-
     e = sub.add_parser("eval", add_help=False,
                        help="evaluate the shipped models: eval shapes | emoji [options] | "
                             "eval vae [--model emoji|shapes]")
@@ -116,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     d.set_defaults(func=lambda a: print(f"wrote {__import__('latentdiff.data', fromlist=['build']).build(a.name)}"))
 
     a, unknown = p.parse_known_args(argv)
-    if a.command in ("bench", "eval"):  # they parse their own options; a leading one ("eval -h") lands here
+    if a.command == "eval":  # it parses its own options; a leading one ("eval -h") lands here
         a.args = unknown + a.args
     elif unknown:
         p.error(f"unrecognized arguments: {' '.join(unknown)}")

@@ -184,7 +184,7 @@ def _held_out_images(model: str) -> tuple[np.ndarray, str]:
 def main(argv: list[str] | None = None) -> None:
     import latentdiff
 
-    from .cli import DTYPES
+    from .speed import DTYPES
 
     p = argparse.ArgumentParser(prog="latentdiff eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

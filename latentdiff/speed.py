@@ -1,36 +1,28 @@
-"""The fast path: which dtype to run in, and conv weights packed once. Only what measurements pay for.
+"""The fast path: which dtype to run in, conv weights packed once, and where a model runs.
 
-Measured on a 2-core AVX-512-bf16 CPU (no AMX), full-size SD 1.5 U-Net, 256 x 256, batch 2 (one guided step);
-see benchmarks/bench_unet_step.py and the README's performance table:
-- bf16 instead of fp32: oneDNN's native bf16 dot products (avx512_bf16 / AMX) roughly double conv and matmul
-  throughput. A U-Net call is 1.6e-2 relative L2 from fp32 on random weights (diffusers' bf16: the same;
-  tests/test_speed.py). Without native bf16 instructions oneDNN emulates bf16 (not measured here), so the
-  default stays fp32 there.
-  Measured (medians of 4, quiet machine): fp32 2.94 s, bf16 1.35 s per call (0.27 TFLOP/s).
-- channels-last does not pay here (bf16 1.41 s, fp32 3.17 s with it), so it is not applied.
-- torch.compile (inductor, default mode) does not pay: 103 s to compile, then 1.53 s per bf16 call against
-  1.30 s eager (medians of 3). With inductor's weight freezing it does: a U-Net call 1.20 s -> 0.98 s (73 s to
-  compile), 1.02-1.07 s per step end to end (Pipeline.compile(), opt-in for its compile time and memory). Freezing
-  must be set in inductor's global config while it compiles: `torch.compile(m, options={"freezing": True})`
-  compiled without it (35 s, then 1.62 s against 1.39 s eager).
+Only what measurements pay for; the numbers are in benchmarks/README.md ("Where the fast path comes from"):
+- bf16 where the CPU computes it natively (avx512_bf16 / AMX: oneDNN's bf16 dot products roughly double conv and
+  matmul throughput; a U-Net call is 1.6e-2 relative L2 from fp32 on random weights, as diffusers' bf16), else
+  fp32: emulated bf16 is tens of times slower.
+- channels-last and torch.compile (default mode) do not pay on these CPUs; compile with inductor's weight
+  freezing does, at a large compile time and memory cost, so it is opt-in (Pipeline.compile()).
 - Prepacked convolution weights (`pack_conv_weights`, what inductor's freezing does, without compiling): eager
-  oneDNN reorders every conv weight into its blocked layout on every call; holding the weights in that layout
-  once takes a bf16 U-Net call from 1.37 s to 1.05 s (256 x 256, batch 2, medians of 3; the compiled path: 0.98 s)
-  for 0.6 s of packing, once; the VAE decode at 256 from 2.0-2.7 s to 1.6 s; at 512 a U-Net call only from
-  6.1-6.2 s to 5.8-6.1 s. Linear weights packed alike gained nothing, so only convs are packed. Pipeline packs
-  the U-Net and the VAE on the CPU in bf16, on their first call.
-- On a CPU without native bf16 (an AVX2-only AMD EPYC, 2 cores) the default is fp32, packed the same way: one
-  U-Net call at 256 x 256, batch 2, 5.47 -> 3.12 s (medians of 3), 4.2e-6 relative from the plain fp32 call.
-  bf16 there is emulated, 138 s per call, and oneDNN refuses to pack it (cpu_packs).
+  oneDNN reorders every conv weight into its blocked layout on every call; holding them in that layout once
+  saves that reorder. Linear weights packed alike gained nothing, so only convs are packed. The pipeline packs
+  the U-Net and the VAE on the CPU on their first call (bf16 on AVX-512-bf16, fp32 on AVX2; oneDNN refuses to
+  pack emulated bf16, see cpu_packs).
 `dtype=torch.float32` is the exact path: bit-for-bit what the parity tests check (never packed).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 
 import torch
 from torch import nn
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # command-line names
 
 
 @functools.cache
@@ -149,3 +141,27 @@ def unpack_conv_weights(module: nn.Module) -> None:
         if "_conv_forward" in m.__dict__:
             del m._conv_forward
             m.weight = nn.Parameter(m.weight.to_dense(), requires_grad=False)
+
+
+@contextlib.contextmanager
+def on_device(module: nn.Module, device: torch.device, offload: bool):
+    """With `offload`, a model lives on the CPU and visits `device` only while it runs (text encoders, then U-Net,
+    then VAE): peak device memory is the largest model instead of all three."""
+    if not offload:
+        yield
+        return
+    module.to(device)
+    try:
+        yield
+    finally:
+        module.to("cpu")
+
+
+@contextlib.contextmanager
+def packed(module: nn.Module, device: torch.device, exact: bool, offload: bool):
+    """On the CPU, unless exact (or offloading, which moves weights), run `module` with prepacked conv weights
+    (pack_conv_weights). Its first run packs, then returns the freed plain weights' memory to the OS."""
+    first = device.type == "cpu" and not exact and not offload and pack_conv_weights(module)
+    yield
+    if first:
+        release_freed_memory()

@@ -54,8 +54,8 @@ def test_sd2_folder_restores_released_layout(tmp_path):
     pipe.save(tmp_path / "f", format="diffusers")
     again = latentdiff.load(tmp_path / "f", dtype=torch.float32)
     assert again.cfg.text == pipe.cfg.text  # the 24-block-style tower, last block zero-filled
-    c1, _ = pipe.encode_prompt(PROMPT)
-    c2, _ = again.encode_prompt(PROMPT)
+    c1 = pipe.encode_prompt(PROMPT)
+    c2 = again.encode_prompt(PROMPT)
     assert torch.equal(c1.context, c2.context)
 
 

@@ -32,10 +32,10 @@ def test_txt2img_euler_matches_diffusers(preset, tmp_path):
 def test_encode_prompt_matches_diffusers(tmp_path):
     pipe = tiny_pipe("tiny-sd15")
     dpipe = diffusers_twin(pipe, tmp_path / "d")
-    cond, uncond = pipe.encode_prompt(PROMPT, NEG)
+    cond = pipe.encode_prompt(PROMPT, NEG)
     pe, ne = dpipe.encode_prompt(PROMPT, "cpu", 1, True, NEG)
     assert (cond.context - pe).abs().max() < 1e-4
-    assert (uncond.context - ne).abs().max() < 1e-4
+    assert (cond.uncond_context - ne).abs().max() < 1e-4
 
 
 def test_images_and_batches():
@@ -140,7 +140,7 @@ def test_long_prompt_uses_every_chunk_and_callback_sees_every_step():
     first75 = " ".join(["red"] * 75)
     words = first75 + " " + " ".join(["blue"] * 125)  # one token per word: 200 tokens
     assert len(pipe.tokenizer.encode(words)) == 200
-    cond, _ = pipe.encode_prompt(words)
+    cond = pipe.encode_prompt(words)
     assert cond.context.shape[1] == 3 * 77
     seen = []
     long = pipe(words, steps=3, seed=0, output="latent", progress=False,

@@ -80,7 +80,7 @@ def test_bf16_unet_call_on_trained_weights_meets_the_issue_target(name):
     (1.5e-2 above: every layer's rounding is amplified at unit gain); the trained SD1-layout U-Nets we ship give
     2.7e-3 to 4.0e-3 (measured at t = 50 .. 999). Released SD 1.5 weights cannot be fetched here."""
     pipe = latentdiff.load(name, dtype=torch.float32)
-    context = pipe.encode_prompt("a red apple" if name == "emoji" else "a large red circle at the top left")[0].context
+    context = pipe.encode_prompt("a red apple" if name == "emoji" else "a large red circle at the top left").context
     fast = copy.deepcopy(pipe.unet).to(torch.bfloat16)
     g = torch.Generator().manual_seed(0)
     n = pipe.cfg.size // pipe.cfg.vae.downsample

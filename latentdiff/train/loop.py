@@ -312,7 +312,8 @@ def train(tc: TrainConfig) -> dict:
                     p.copy_(live[n])
 
     def validate() -> None:
-        from latentdiff.pipeline import Pipeline, image_grid
+        from latentdiff.images import image_grid
+        from latentdiff.pipeline import Pipeline
 
         def run():
             pipe = Pipeline(cfg, unet, vae, encoders, device=device, dtype=torch.float32, source=tc.run_name)
