@@ -97,10 +97,9 @@ class SafetensorsFile:
             self._viewed.add(key)
             return t
         out = t.to(dtype)
-        # Converting from the mapping, then dropping the pages read, is faster than reading into a buffer
-        # (SD 1.5 fp16 -> bf16: 1.1-1.2 s vs 1.8-1.9 s) and keeps peak RSS at the converted copy alone: the
-        # mapped pages would otherwise stay resident (4.7 GB peak instead of 2.6). Only pages wholly inside this
-        # tensor are dropped, and not if the key was also handed out as a (writable, copy-on-write) view.
+        # Converting from the mapping, then dropping the pages read, is faster than reading into a buffer and
+        # keeps peak RSS at the converted copy alone (benchmarks/README.md, "Loading"). Only pages wholly inside
+        # this tensor are dropped, and not if the key was also handed out as a (writable, copy-on-write) view.
         lo, hi = -(-a // mmap.PAGESIZE) * mmap.PAGESIZE, b // mmap.PAGESIZE * mmap.PAGESIZE
         if hi > lo and key not in self._viewed and hasattr(mmap, "MADV_DONTNEED"):
             self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
@@ -154,9 +153,9 @@ def read_in_background(jobs: dict):
     """Run `jobs` ({name: function returning a tensor}) on one worker thread while the caller goes on building
     modules; yields a function that waits for them and returns {name: tensor}.
 
-    Why: building the modules imports transformers' CLIP (~4 s of Python, GIL-bound) and converting the weights
-    (SD 1.5 fp16 -> fp32: ~2.3 s, mostly first-touch page faults and the cast, both outside the GIL) is
-    independent of it, so on 2 cores the two overlap. Leaving the block early (an error) stops the worker after
+    Why: building the modules imports transformers' CLIP (seconds of GIL-bound Python) and converting the weights
+    (first-touch page faults and the cast, both outside the GIL) is independent of it, so on 2 cores the two
+    overlap. Leaving the block early (an error) stops the worker after
     its current tensor; the block never returns before the worker has ended."""
     stop = threading.Event()
 
