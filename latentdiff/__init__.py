@@ -37,7 +37,7 @@ def _find(name: str) -> Path | None:
 
 def load(path: str | os.PathLike | None = None, *, device: str | torch.device = "cpu",
          dtype: torch.dtype | None = None, prediction_type: str | None = None,
-         config: str | ModelConfig | None = None) -> Pipeline:
+         config: str | ModelConfig | None = None, vae: str | os.PathLike | None = None) -> Pipeline:
     """Open a model for generation.
 
     path: a `.safetensors` / `.ckpt` single file, a diffusers folder, or the name of a model in checkpoints/
@@ -46,10 +46,13 @@ def load(path: str | os.PathLike | None = None, *, device: str | torch.device = 
     detection (e.g. "sd21_v", or a custom architecture). dtype: None = the fast path:
     bfloat16 where the hardware runs it natively (CPUs with AVX512-BF16 / AMX, CUDA GPUs with bf16), else
     float32, on the CPU with prepacked conv weights (fp32: ~4e-6 relative from exact, summation order);
-    torch.float32 = the exact path, bit for bit diffusers' fp32.
+    torch.float32 = the exact path, bit for bit diffusers' fp32. vae: a standalone VAE file or diffusers vae/
+    folder replacing the model's VAE (see Pipeline.load_vae); None = `<model>.vae.safetensors` (or .pt / .ckpt)
+    next to a single file if there is one, as A1111 does, else the model's own.
     """
     from . import speed, weights
     from .weights import preview
+    from .weights.vae import sibling_vae
 
     exact = dtype == torch.float32
     dtype = speed.default_dtype(device) if dtype is None else dtype
@@ -65,14 +68,17 @@ def load(path: str | os.PathLike | None = None, *, device: str | torch.device = 
 
         cfg, modules = read_folder(p, config=config, prediction_type=prediction_type, dtype=dtype, device=device)
     elif p.is_file():
+        vae = vae or sibling_vae(p)
         cfg, modules = weights.read_single_file(p, config=config, prediction_type=prediction_type, dtype=dtype,
-                                                device=device)
+                                                device=device, vae_given=vae is not None)
     else:
         shipped = sorted({f.stem for d in checkpoint_dirs() if d.is_dir() for f in d.glob("*.safetensors")
                           if not f.name.endswith(preview.SUFFIX)})
         raise FileNotFoundError(f"no checkpoint at {str(path)!r}: not a file, a diffusers folder or a shipped "
                                 f"model name (shipped: {shipped or 'none found'})")
     pipe = Pipeline(cfg, **modules, device=device, dtype=dtype, source=p.name, exact=exact)
+    if vae is not None:
+        pipe.load_vae(vae)
     if p.is_file() and preview.preview_path(p).is_file():
         pipe.load_preview(preview.preview_path(p))
     return pipe

@@ -221,7 +221,7 @@ class Pipeline:
     def decode(self, latents: torch.Tensor, params: dict | None = None) -> list[Image.Image]:
         """Latents (B, 4, h, w), as the sampler returns them -> PIL images. Latents larger than
         `tile_decode_above` on a side decode in overlapping tiles (the full decode's activations of a 2048 px
-        image take tens of GB). An fp16 decode that overflows to NaN is redone in fp32 with a warning."""
+        image take tens of GB). A half-precision decode that overflows is redone in fp32 with a warning."""
         z = latents.to(self.device) / self.cfg.vae.scaling_factor
         tiled = max(z.shape[-2:]) > self.tile_decode_above
 
@@ -230,8 +230,10 @@ class Pipeline:
 
         with torch.inference_mode(), self._running(self.vae):
             img = run(self.vae, z.to(self.dtype))
-            if torch.isnan(img).any() and self.dtype == torch.float16:
-                log.warning("fp16 VAE decode produced NaN; decoding again in fp32")
+            if self.dtype != torch.float32 and not torch.isfinite(img).all():
+                # SDXL's VAE overflows in fp16 (diffusers' force_upcast, A1111's --no-half-vae)
+                log.warning("%s VAE decode produced non-finite values; decoding again in fp32", self.dtype)
+                speed.unpack_conv_weights(self.vae)
                 img = run(self.vae.float(), z.float())
                 self.vae.to(self.dtype)
         images = to_pil(img)
@@ -239,6 +241,18 @@ class Pipeline:
             for im in images:
                 im.info["parameters"] = format_parameters(params, self.source or self.cfg.name)
         return images
+
+    def load_vae(self, path) -> None:
+        """Replace the VAE's weights with a standalone VAE file: original keys (`encoder.*`, `decoder.*`, ...), the
+        same under `first_stage_model.`, a `.ckpt` / `.pt` of either, or a diffusers `vae/` folder or its file
+        (weights/vae.py). The scaling factor stays the model's. A bad file raises and leaves the VAE as it was."""
+        from .weights.vae import read_vae
+
+        sd = read_vae(path, self.cfg.vae, self.vae, self.dtype, "cpu" if self.offload else self.device)
+        speed.unpack_conv_weights(self.vae)
+        self.vae.load_state_dict(sd, strict=True, assign=True)
+        self.vae.eval().requires_grad_(False)
+        log.info("VAE weights from %s", path)
 
     def load_preview(self, path) -> None:
         """Read a preview decoder: ours, written by `python -m latentdiff.train.preview` (latentdiff.load() does

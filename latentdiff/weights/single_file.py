@@ -14,21 +14,26 @@ import torch
 
 from ..config import ModelConfig
 from .io import CheckpointError, SafetensorsFile, read_ckpt, read_in_background, write_safetensors
-from .layout import (CONFIG_KEY, build_modules, check_keys, detect, expected_shapes, is_ignored, parts,
+from .layout import (CONFIG_KEY, VAE_PREFIX, build_modules, check_keys, detect, expected_shapes, is_ignored, parts,
                      resolve_prediction_type, state_dict_of)
 
 log = logging.getLogger("latentdiff")
 
 
-def load_parts(cfg: ModelConfig, modules: dict, tensors: dict[str, torch.Tensor]) -> None:
+def load_parts(cfg: ModelConfig, modules: dict, tensors: dict[str, torch.Tensor], skip: tuple[str, ...] = ()) -> None:
     """Fill the meta-device `modules` strictly from `tensors` (full single-file keys, already in the target dtype
-    and on the device), popping each as it is assigned so no tensor is referenced twice."""
+    and on the device), popping each as it is assigned so no tensor is referenced twice. Parts whose prefix is in
+    `skip` stay on the meta device (a checkpoint without VAE weights, filled by Pipeline.load_vae)."""
     for prefix, mod in parts(cfg, modules):
+        if prefix in skip:
+            continue
         mod.load_state_dict({k: tensors.pop(prefix + k) for k in mod.state_dict()}, strict=True, assign=True)
 
 
-def read_single_file(path, config=None, prediction_type=None, dtype=None, device="cpu"):
-    """Open a `.safetensors` / `.ckpt` single file -> (resolved ModelConfig, modules dict)."""
+def read_single_file(path, config=None, prediction_type=None, dtype=None, device="cpu", vae_given: bool = False):
+    """Open a `.safetensors` / `.ckpt` single file -> (resolved ModelConfig, modules dict). A file without VAE
+    weights is an error unless `vae_given` (a standalone VAE file comes next); its VAE then stays on the meta
+    device for Pipeline.load_vae."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -55,14 +60,21 @@ def read_single_file(path, config=None, prediction_type=None, dtype=None, device
     else:
         cfg = detect(shapes, path)
         log.info("detected %s from the key layout of %s", cfg.name, path)
+    no_vae = not any(k.startswith(VAE_PREFIX) for k in shapes)
+    if no_vae and not vae_given:
+        raise CheckpointError(f"{path}: holds no VAE weights (no {VAE_PREFIX}* keys among its {len(shapes)} "
+                              "tensors): pass a standalone VAE file, latentdiff.load(path, vae='vae.safetensors')")
     # each tensor goes to the device as it is read: a GPU load never holds the whole model on the host
     jobs = {k: (lambda k=k: get(k, dtype).to(device)) for k in shapes if not is_ignored(k)}
     with read_in_background(jobs) as tensors:
         modules = build_modules(cfg)
-        check_keys(path, expected_shapes(cfg, modules), shapes)
+        expected = expected_shapes(cfg, modules)
+        if no_vae:
+            expected = {k: v for k, v in expected.items() if not k.startswith(VAE_PREFIX)}
+        check_keys(path, expected, shapes)
         cfg = resolve_prediction_type(cfg, prediction_type, config_from, metadata, get)
         read = tensors()
-    load_parts(cfg, modules, read)
+    load_parts(cfg, modules, read, skip=(VAE_PREFIX,) if no_vae else ())
     return cfg, modules
 
 
