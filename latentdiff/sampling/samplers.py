@@ -394,11 +394,11 @@ SAMPLERS: dict[str, Sampler] = {
 }
 
 
-def add_noise(x0: torch.Tensor, noise: torch.Tensor, schedule: Schedule, start_index: int = 0) -> torch.Tensor:
-    """img2img starting point at step ``start_index``: x0 + sigma * noise. This is diffusers' add_noise for every
-    scheduler: sigma schedulers add sigma * noise; DDIM-like ones give sqrt(a) x0 + sqrt(1-a) noise, whose VE
-    form (divided by sqrt(a)) is the same."""
-    return x0 + schedule.sigmas[start_index].to(x0) * noise
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, schedule: Schedule) -> torch.Tensor:
+    """img2img starting point at the first step of the (cut) schedule: x0 + sigma * noise. This is diffusers'
+    add_noise for every scheduler: sigma schedulers add sigma * noise; DDIM-like ones give sqrt(a) x0 + sqrt(1-a)
+    noise, whose VE form (divided by sqrt(a)) is the same."""
+    return x0 + schedule.sigmas[0].to(x0) * noise
 
 
 @torch.no_grad()
