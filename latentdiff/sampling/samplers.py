@@ -373,7 +373,7 @@ class Sampler:
 
     fn: Callable  # sample_<name>(model, x, sigmas, extra_args, callback, generator, disable), the contract above
     family: str  # how diffusers builds its timesteps: "sigma" | "dpm" | "vp" (schedules.py, get_sigmas)
-    a1111: str  # A1111's label, the "Sampler:" field of its PNG parameters (params.parse_parameters)
+    a1111: str  # A1111's label in its PNGs' "Sampler:" field (params.parse_parameters; ours write the name)
 
 
 SAMPLERS: dict[str, Sampler] = {
