@@ -10,12 +10,10 @@ from pathlib import Path
 
 from PIL import Image
 
-# A1111 sampler labels -> ours, so PNGs from A1111 / Forge / ComfyUI exports can be re-created too
-A1111_SAMPLERS = {
-    "Euler": "euler", "Euler a": "euler_a", "Heun": "heun", "DPM2": "dpm2", "DPM2 a": "dpm2_a", "LMS": "lms",
-    "DPM++ 2M": "dpmpp_2m", "DPM++ 2M SDE": "dpmpp_2m_sde", "DPM++ 2S a": "dpmpp_2s_a", "DPM++ SDE": "dpmpp_sde",
-    "DDIM": "ddim", "DDPM": "ddpm", "PLMS": "pndm", "UniPC": "unipc",
-}
+from .sampling import samplers, schedules
+
+# A1111 labels -> ours (from the sampler table), so PNGs from A1111 / Forge / ComfyUI exports can be re-created too
+_FROM_A1111 = {row.a1111: name for name, row in samplers.SAMPLERS.items()}
 
 
 def format_parameters(p: dict, model: str) -> str:
@@ -41,8 +39,10 @@ def parse_parameters(text: str) -> dict:
     if neg:
         out["negative_prompt"] = "\n".join(body[neg[0]:])[len("Negative prompt: "):]
     if "Sampler" in fields:
-        out["sampler"] = A1111_SAMPLERS.get(fields["Sampler"], fields["Sampler"])
-    if fields.get("Schedule type", "").lower() in ("normal", "karras", "exponential"):
+        # our own names (what format_parameters writes) pass through, as does anything unknown, which the
+        # pipeline's argument check then rejects by name
+        out["sampler"] = _FROM_A1111.get(fields["Sampler"], fields["Sampler"])
+    if fields.get("Schedule type", "").lower() in schedules.SCHEDULES:
         out["schedule"] = fields["Schedule type"].lower()
     if "CFG scale" in fields:
         out["guidance_scale"] = float(fields["CFG scale"])

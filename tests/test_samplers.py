@@ -96,7 +96,7 @@ def run_ours(name, schedule, unet, prediction_type, seed=0, **sampler_kwargs):
     if sampler_kwargs:
         extra["schedule"] = schedule
         x = noise * schedule.init_noise_sigma
-        return samplers.SAMPLERS[name](den, x, schedule.sigmas, extra, generator=gen, disable=True, **sampler_kwargs)
+        return samplers.SAMPLERS[name].fn(den, x, schedule.sigmas, extra, generator=gen, disable=True, **sampler_kwargs)
     return samplers.sample(name, den, noise, schedule, extra, generator=gen, disable=True)
 
 
@@ -356,7 +356,10 @@ def test_other_errors():
 
 
 def test_every_sampler_registered_and_runs():
-    assert set(samplers.SAMPLERS) == set(schedules.SAMPLER_FAMILY) == set(schedules.DEFAULT_SPACING)
+    # one table: every row names a schedule family (with its default spacing) and a distinct A1111 label
+    assert all(row.family in schedules.DEFAULT_SPACING for row in samplers.SAMPLERS.values())
+    assert len({row.a1111 for row in samplers.SAMPLERS.values()}) == len(samplers.SAMPLERS)
+    assert all(row.fn.__name__ == f"sample_{name}" for name, row in samplers.SAMPLERS.items())
     den = Denoiser(ToyUNet(), schedules.alphas_cumprod(), "epsilon")
     for name in samplers.SAMPLERS:
         for sch in schedules.SCHEDULES:

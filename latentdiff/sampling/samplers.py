@@ -6,14 +6,22 @@ PNDM). Per-step noise is ``torch.randn`` from ``generator`` in the order and sha
 so a CPU generator seeded like diffusers' pipeline gives the same latents. callback({"i", "sigma", "x",
 "denoised"}) runs once per step. The diffusers scheduler each one reproduces is named in its docstring;
 DDIM / DDPM / PNDM / UniPC / DPM-Solver are rewritten from alphas to sigmas with alphas_cumprod = 1/(1+sigma^2).
+
+``SAMPLERS`` at the end is the one sampler table (function, schedule family, A1111 label): a new sampler is its
+function plus one row there.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 from tqdm.auto import trange
 
 from .denoiser import Denoiser
+# samplers -> schedules at import time; schedules reads SAMPLERS only inside get_sigmas (the other direction would
+# loop through denoiser.py, which needs schedules first)
 from .schedules import Schedule
 
 
@@ -359,19 +367,38 @@ def sample_pndm(model, x, sigmas, extra_args=None, callback=None, generator=None
     return _vp_out(x, sigmas)
 
 
-SAMPLERS = {
-    "euler": sample_euler, "euler_a": sample_euler_a, "heun": sample_heun, "dpm2": sample_dpm2,
-    "dpm2_a": sample_dpm2_a, "lms": sample_lms, "dpmpp_2m": sample_dpmpp_2m, "dpmpp_2m_sde": sample_dpmpp_2m_sde,
-    "dpmpp_2s_a": sample_dpmpp_2s_a, "dpmpp_sde": sample_dpmpp_sde, "ddim": sample_ddim, "ddpm": sample_ddpm,
-    "pndm": sample_pndm, "unipc": sample_unipc,
+@dataclass(frozen=True)
+class Sampler:
+    """One row of the sampler table."""
+
+    fn: Callable  # sample_<name>(model, x, sigmas, extra_args, callback, generator, disable), the contract above
+    family: str  # how diffusers builds its timesteps: "sigma" | "dpm" | "vp" (schedules.py, get_sigmas)
+    a1111: str  # A1111's label in its PNGs' "Sampler:" field (params.parse_parameters; ours write the name)
+
+
+SAMPLERS: dict[str, Sampler] = {
+    "euler": Sampler(sample_euler, "sigma", "Euler"),
+    "euler_a": Sampler(sample_euler_a, "sigma", "Euler a"),
+    "heun": Sampler(sample_heun, "sigma", "Heun"),
+    "dpm2": Sampler(sample_dpm2, "sigma", "DPM2"),
+    "dpm2_a": Sampler(sample_dpm2_a, "sigma", "DPM2 a"),
+    "lms": Sampler(sample_lms, "sigma", "LMS"),
+    "dpmpp_2m": Sampler(sample_dpmpp_2m, "dpm", "DPM++ 2M"),
+    "dpmpp_2m_sde": Sampler(sample_dpmpp_2m_sde, "dpm", "DPM++ 2M SDE"),
+    "dpmpp_2s_a": Sampler(sample_dpmpp_2s_a, "sigma", "DPM++ 2S a"),
+    "dpmpp_sde": Sampler(sample_dpmpp_sde, "sigma", "DPM++ SDE"),
+    "ddim": Sampler(sample_ddim, "vp", "DDIM"),
+    "ddpm": Sampler(sample_ddpm, "vp", "DDPM"),
+    "pndm": Sampler(sample_pndm, "vp", "PLMS"),
+    "unipc": Sampler(sample_unipc, "dpm", "UniPC"),
 }
 
 
-def add_noise(x0: torch.Tensor, noise: torch.Tensor, schedule: Schedule, start_index: int = 0) -> torch.Tensor:
-    """img2img starting point at step ``start_index``: x0 + sigma * noise. This is diffusers' add_noise for every
-    scheduler: sigma schedulers add sigma * noise; DDIM-like ones give sqrt(a) x0 + sqrt(1-a) noise, whose VE
-    form (divided by sqrt(a)) is the same."""
-    return x0 + schedule.sigmas[start_index].to(x0) * noise
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, schedule: Schedule) -> torch.Tensor:
+    """img2img starting point at the first step of the (cut) schedule: x0 + sigma * noise. This is diffusers'
+    add_noise for every scheduler: sigma schedulers add sigma * noise; DDIM-like ones give sqrt(a) x0 + sqrt(1-a)
+    noise, whose VE form (divided by sqrt(a)) is the same."""
+    return x0 + schedule.sigmas[0].to(x0) * noise
 
 
 @torch.no_grad()
@@ -386,8 +413,9 @@ def sample(name: str, model, noise: torch.Tensor, schedule: Schedule, extra_args
     if name not in SAMPLERS:
         raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {name!r}")
     extra_args = dict(extra_args or {})
-    if isinstance(model, Denoiser):
+    if isinstance(model, Denoiser):  # so it feeds the U-Net the schedule's own timesteps (e.g. karras DPM-Solver's
+        # rounded ones) instead of interpolating them; other models get the k-diffusion extra_args as given
         extra_args.setdefault("schedule", schedule)
     x = noise * schedule.init_noise_sigma if x0 is None else add_noise(x0, noise, schedule)
     sigmas = schedule.sigmas.to(noise.device)
-    return SAMPLERS[name](model, x, sigmas, extra_args, callback=callback, generator=generator, disable=disable)
+    return SAMPLERS[name].fn(model, x, sigmas, extra_args, callback=callback, generator=generator, disable=disable)

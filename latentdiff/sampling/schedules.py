@@ -7,12 +7,13 @@ fed to the U-Net come out bit-identical or within one float32 ulp.
 
 Every sampler works in the variance-exploding (VE) space x = x0 + sigma * eps (k-diffusion's contract), with
 sigma_t = sqrt((1 - alphas_cumprod[t]) / alphas_cumprod[t]); the VP latent of diffusers is x / sqrt(1 + sigma^2).
-Samplers come in three families by how diffusers builds their timesteps:
+Samplers come in three families by how diffusers builds their timesteps (each sampler's is its row in
+``samplers.SAMPLERS``):
 
-- "sigma": Euler, Euler a, Heun, DPM2 (a), LMS, DPM++ SDE, DPM++ 2S a (k-diffusion ports). Timesteps are
-  fractional, sigmas are linearly interpolated in t; init noise is sigma_max (sqrt(sigma_max^2 + 1) with leading
-  spacing, diffusers' quirk).
-- "dpm": DPM-Solver++ 2M (SDE), UniPC. Integer timesteps from an (N+1)-point grid with the last point dropped;
+- "sigma": the k-diffusion ports (Euler, Heun, DPM2, LMS, DPM++ SDE, ...). Timesteps are fractional, sigmas are
+  linearly interpolated in t; init noise is sigma_max (sqrt(sigma_max^2 + 1) with leading spacing, diffusers'
+  quirk).
+- "dpm": multistep DPM-Solver++ and UniPC. Integer timesteps from an (N+1)-point grid with the last point dropped;
   karras / exponential span the full training range; init noise is VP (1), i.e. sqrt(1 + sigma_max^2) in VE.
 - "vp": DDIM, DDPM, PNDM. Integer timesteps, sigmas read from alphas_cumprod; DDIM / PNDM end at
   alphas_cumprod[0] (set_alpha_to_one False), i.e. at sigma_min, not 0. Init noise is VP, as above.
@@ -25,17 +26,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-SAMPLER_FAMILY = {
-    "euler": "sigma", "euler_a": "sigma", "heun": "sigma", "dpm2": "sigma", "dpm2_a": "sigma", "lms": "sigma",
-    "dpmpp_sde": "sigma", "dpmpp_2s_a": "sigma",
-    "dpmpp_2m": "dpm", "dpmpp_2m_sde": "dpm", "unipc": "dpm",
-    "ddim": "vp", "ddpm": "vp", "pndm": "vp",
-}
 SCHEDULES = ("normal", "karras", "exponential")
 SPACINGS = ("linspace", "leading", "trailing")
-# each diffusers class's own default (the released SD configs set none)
-DEFAULT_SPACING: dict[str, str] = {name: "leading" if fam == "vp" else "linspace"
-                                   for name, fam in SAMPLER_FAMILY.items()}
+# family -> the timestep_spacing each diffusers class of that family defaults to (the released SD configs set none)
+DEFAULT_SPACING: dict[str, str] = {"sigma": "linspace", "dpm": "linspace", "vp": "leading"}
 
 
 def alphas_cumprod(beta_start: float = 0.00085, beta_end: float = 0.012, T: int = 1000) -> torch.Tensor:
@@ -117,14 +111,18 @@ def get_sigmas(name: str, steps: int, schedule: str = "normal", spacing: str | N
 
     schedule: "normal" (the spacing's own timesteps), "karras" (Karras et al. 2022, rho 7; diffusers'
     use_karras_sigmas) or "exponential" (log-uniform sigmas; use_exponential_sigmas).
-    spacing: "linspace" | "leading" | "trailing" (diffusers' timestep_spacing); None = DEFAULT_SPACING[name].
+    spacing: "linspace" | "leading" | "trailing" (diffusers' timestep_spacing); None = the sampler family's
+    DEFAULT_SPACING.
     alphas_cumprod: (T,) training schedule; None = SD's scaled_linear 0.00085 -> 0.012, T = 1000.
     """
-    if name not in SAMPLER_FAMILY:
-        raise ValueError(f"sampler must be one of {sorted(SAMPLER_FAMILY)}, got {name!r}")
+    from .samplers import SAMPLERS  # here, not at the top: samplers.py imports this module
+
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {name!r}")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    spacing = DEFAULT_SPACING[name] if spacing is None else spacing
+    family = SAMPLERS[name].family
+    spacing = DEFAULT_SPACING[family] if spacing is None else spacing
     if spacing not in SPACINGS:
         raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
     ac = (_sd_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod).float().cpu()
@@ -134,7 +132,6 @@ def get_sigmas(name: str, steps: int, schedule: str = "normal", spacing: str | N
     ac = ac.clamp(min=2**-24)  # zero-terminal-SNR schedules: diffusers' finite stand-in for sigma = inf
     train_sigmas = (((1 - ac) / ac) ** 0.5).numpy()  # (T,) float32, as diffusers computes it
     log_sigmas = np.log(train_sigmas)
-    family = SAMPLER_FAMILY[name]
     N = steps
 
     if family == "sigma":
