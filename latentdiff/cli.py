@@ -13,7 +13,7 @@ DEFAULTS = {"seed": 0, "schedule": "normal", "num_images": 1, "guidance_rescale"
 
 def _generate(a) -> None:
     import latentdiff
-    from latentdiff.params import read_png_parameters
+    from latentdiff.images import read_png_parameters
     from latentdiff.images import image_grid, save_png
 
     if a.random_preset:

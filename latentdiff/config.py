@@ -74,7 +74,7 @@ class TextEncoderConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "sd15"
-    family: str = "sd1"  # sd1 | sd2 | sdxl | custom: decides single-file key prefixes
+    family: str = "sd1"  # sd1 | sd2 | sdxl: decides single-file key prefixes
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     text: tuple[TextEncoderConfig, ...] = (TextEncoderConfig(),)

@@ -1,4 +1,9 @@
-"""Images in and out of the pipeline: PIL <-> tensors, resizing, grids, and PNGs with A1111's parameters chunk.
+"""Images in and out of the pipeline: PIL <-> tensors, resizing, grids, and PNGs with A1111's `parameters` text
+chunk, written so an image can be re-created and read back:
+
+    a red apple, studio light
+    Negative prompt: blurry
+    Steps: 20, Sampler: euler_a, Schedule type: karras, CFG scale: 7.5, Seed: 1234, Size: 512x512, Model: x
 
 Tensors are (B, 3, H, W) RGB in [-1, 1] (what the VAE takes and gives) and masks (B, 1, H, W) in [0, 1].
 """
@@ -10,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, PngImagePlugin
+
+from .sampling import samplers, schedules
 
 
 def to_tensor(image, name: str, gray: bool = False) -> torch.Tensor:
@@ -57,3 +64,53 @@ def save_png(image: Image.Image, path: str | Path) -> None:
     if "parameters" in image.info:
         info.add_text("parameters", image.info["parameters"])
     image.save(path, pnginfo=info)
+
+
+# A1111 labels -> ours (from the sampler table), so PNGs from A1111 / Forge / ComfyUI exports can be re-created too
+_FROM_A1111 = {row.a1111: name for name, row in samplers.SAMPLERS.items()}
+
+
+def format_parameters(p: dict, model: str) -> str:
+    prompt = p["prompt"] if isinstance(p["prompt"], str) else " | ".join(p["prompt"])
+    fields = [("Steps", p["steps"]), ("Sampler", p["sampler"]), ("Schedule type", p["schedule"]),
+              ("CFG scale", p["guidance_scale"]), ("Seed", p["seed"]), ("Size", f"{p['width']}x{p['height']}")]
+    if "strength" in p:
+        fields.append(("Denoising strength", p["strength"]))
+    fields.append(("Model", model))
+    return f"{prompt}\nNegative prompt: {p['negative_prompt']}\n" + ", ".join(f"{k}: {v}" for k, v in fields)
+
+
+def parse_parameters(text: str) -> dict:
+    """The text chunk -> keyword arguments for Pipeline.__call__ (prompt included)."""
+    lines = text.strip().split("\n")
+    if len(lines) < 2 or not lines[-1].startswith("Steps:"):
+        raise ValueError("PNG 'parameters' text has no 'Steps: ...' line; not an A1111-style parameters chunk")
+    fields = dict(f.split(": ", 1) for f in lines[-1].split(", ") if ": " in f)
+    body = lines[:-1]
+    neg = [i for i, line in enumerate(body) if line.startswith("Negative prompt: ")]
+    prompt = "\n".join(body[: neg[0]] if neg else body)
+    out = {"prompt": prompt, "steps": int(fields["Steps"])}
+    if neg:
+        out["negative_prompt"] = "\n".join(body[neg[0]:])[len("Negative prompt: "):]
+    if "Sampler" in fields:
+        # our own names (what format_parameters writes) pass through, as does anything unknown, which the
+        # pipeline's argument check then rejects by name
+        out["sampler"] = _FROM_A1111.get(fields["Sampler"], fields["Sampler"])
+    if fields.get("Schedule type", "").lower() in schedules.SCHEDULES:
+        out["schedule"] = fields["Schedule type"].lower()
+    if "CFG scale" in fields:
+        out["guidance_scale"] = float(fields["CFG scale"])
+    if "Seed" in fields:
+        out["seed"] = int(fields["Seed"])
+    if "Size" in fields:
+        w, h = fields["Size"].split("x")
+        out["width"], out["height"] = int(w), int(h)
+    return out
+
+
+def read_png_parameters(path: str | Path) -> dict:
+    with Image.open(path) as im:
+        text = im.info.get("parameters")
+    if text is None:
+        raise ValueError(f"{path} has no 'parameters' text chunk")
+    return parse_parameters(text)

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from latentdiff import cli
-from latentdiff.params import parse_parameters
+from latentdiff.images import parse_parameters
 
 
 def test_generate_and_recreate_from_png(tmp_path, capsys):
