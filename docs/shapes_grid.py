@@ -11,7 +11,7 @@ import numpy as np
 from _grid import labelled_grid
 
 import latentdiff
-from latentdiff.data import shapes
+from latentdiff.datasets import shapes
 
 
 def pick_captions() -> list[tuple[str, bool]]:

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     d = sub.add_parser("data", help="rebuild a vendored dataset: data build emoji")
     d.add_argument("action", choices=["build"])
     d.add_argument("name", choices=["emoji"])
-    d.set_defaults(func=lambda a: print(f"wrote {__import__('latentdiff.data', fromlist=['build']).build(a.name)}"))
+    d.set_defaults(func=lambda a: print(f"wrote {__import__('latentdiff.datasets', fromlist=['build']).build(a.name)}"))
 
     a, unknown = p.parse_known_args(argv)
     if a.command == "eval":  # it parses its own options; a leading one ("eval -h") lands here

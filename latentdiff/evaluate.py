@@ -23,7 +23,7 @@ import time
 import numpy as np
 import torch
 
-from .data import shapes
+from .datasets import shapes
 
 SPLITS = ("held_in", "held_out", "all")
 VAE_SEED = 1234  # stream of the held-out shapes scenes for the VAE's PSNR
@@ -94,7 +94,7 @@ def emoji_base(caption: str) -> str:
 
 def emoji_eval_names() -> list[tuple[str, bool]]:
     """(name, held_out): every EMOJI_EVERY-th distinct name of each split, sorted; held-in first."""
-    from .data.emoji import load_emoji
+    from .datasets.emoji import load_emoji
 
     out = []
     for held_out in (False, True):
@@ -113,7 +113,7 @@ class EmojiGallery:
     """All vendored icons (train and held-out) as colour layouts, with their skin-tone-free names."""
 
     def __init__(self):
-        from .data.emoji import load_emoji
+        from .datasets.emoji import load_emoji
 
         images, captions = load_emoji("all")
         self.names = np.array([emoji_base(c) for c in captions])
@@ -173,7 +173,7 @@ def vae_psnr(vae, images: np.ndarray, batch_size: int = 100) -> float:
 
 def _held_out_images(model: str) -> tuple[np.ndarray, str]:
     if model == "emoji":
-        from .data.emoji import load_emoji
+        from .datasets.emoji import load_emoji
 
         images = load_emoji("held_out")[0]
         return images, f"{len(images)} held-out emoji"

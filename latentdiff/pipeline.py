@@ -20,9 +20,9 @@ from torch import nn
 
 from . import speed
 from .config import ModelConfig
+from .images import format_parameters, resize, to_pil, to_tensor
 from .models.text import Tokenizer
 from .models.unet import sdxl_vector
-from .images import format_parameters, resize, to_pil, to_tensor
 from .prompt import encode_prompts
 from .sampling import samplers, schedules
 from .sampling.denoiser import Denoiser

@@ -8,8 +8,8 @@ import tarfile
 import numpy as np
 import pytest
 
-from latentdiff.data import build
-from latentdiff.data import emoji, shapes
+from latentdiff.datasets import build
+from latentdiff.datasets import emoji, shapes
 
 # Written out independently of shapes.py's regexes, straight from issue 6's grammar.
 COLOR = "(red|orange|yellow|green|blue|purple|black)"

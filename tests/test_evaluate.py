@@ -11,7 +11,7 @@ from PIL import Image
 
 import latentdiff
 from latentdiff import evaluate
-from latentdiff.data import shapes
+from latentdiff.datasets import shapes
 from latentdiff.models.vae import DiagonalGaussian
 
 
@@ -62,7 +62,7 @@ class IconPipe:
     """A fake pipe that "generates" each emoji name as its first vendored icon, shifted and noised (seeded)."""
 
     def __init__(self, shift: int, noise: float):
-        from latentdiff.data.emoji import load_emoji
+        from latentdiff.datasets.emoji import load_emoji
 
         images, captions = load_emoji("all")
         self.icons = {}

@@ -25,7 +25,7 @@ def test_training_learns_the_vae_decode(tmp_path):
     """Sixty steps on the shipped shapes model's VAE (a trained one: a random VAE decodes to near-constant
     images): the preview's PSNR against the VAE decode of held-out latents beats the untrained decoder's by a
     wide margin; the file round-trips through load_preview."""
-    from latentdiff.data.shapes import sample_batch
+    from latentdiff.datasets.shapes import sample_batch
 
     pipe = latentdiff.load("shapes", dtype=torch.float32)
     z, y = train_preview.latents_and_targets(pipe.vae, sample_batch(16, seed=1)[0])

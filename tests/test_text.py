@@ -42,7 +42,7 @@ def test_bpe_matches_open_clip_on_a_large_corpus(tok):
     word, 3,000 vocabulary entries glued into made-up words, and the prompts above."""
     import random
 
-    from latentdiff.data import shapes
+    from latentdiff.datasets import shapes
 
     ref = open_clip.tokenizer.SimpleTokenizer(clean="lower")
     assert tok._bpe.encoder == ref.encoder and tok._bpe.ranks == ref.bpe_ranks

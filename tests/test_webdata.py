@@ -14,7 +14,7 @@ from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 
 import latentdiff
-from latentdiff.data.shapes import sample_batch
+from latentdiff.datasets.shapes import sample_batch
 from latentdiff.train import checkpoint, webdata
 from latentdiff.train.config import from_dict
 from latentdiff.train.data import DataError

@@ -2,7 +2,7 @@
 
 A folder holds images with captions either in same-name `.txt` files or in a `metadata.jsonl` with lines
 `{"file_name": "a.png", "text": "..."}` (the Hugging Face imagefolder convention). Builtin datasets:
-`builtin:shapes` (latentdiff.data.shapes), `builtin:emoji` (latentdiff.data.emoji). WebDataset shards are in
+`builtin:shapes` (latentdiff.datasets.shapes), `builtin:emoji` (latentdiff.datasets.emoji). WebDataset shards are in
 `webdata.py`.
 
 Determinism: every sample drawn in an epoch gets a `key` (epoch * N + its position in that epoch's permutation).
@@ -87,11 +87,11 @@ def scan_folder(root: str | Path) -> tuple[list[Record], int]:
 
 def builtin(name: str, n: int, seed: int) -> list[Record]:
     if name == "shapes":
-        from latentdiff.data.shapes import sample_batch
+        from latentdiff.datasets.shapes import sample_batch
 
         images, captions = sample_batch(n, seed, "train")
     elif name == "emoji":
-        from latentdiff.data.emoji import load_emoji
+        from latentdiff.datasets.emoji import load_emoji
 
         images, captions = load_emoji("train")
         images, captions = images[:n], captions[:n]

@@ -31,13 +31,13 @@ def builtin_images(data: str, n: int = 1536) -> tuple[np.ndarray, np.ndarray]:
     """(train, held-out) uint8 images (N, H, W, 3) of a builtin dataset, at most n for training (encoding and
     decoding them is most of the time: ~10 s per 64 images on one core)."""
     if data == "builtin:emoji":
-        from ..data.emoji import load_emoji
+        from ..datasets.emoji import load_emoji
 
         train = load_emoji("train")[0]
         keep = np.sort(np.random.default_rng(0).permutation(len(train))[:n])
         return train[keep], load_emoji("held_out")[0]
     if data == "builtin:shapes":
-        from ..data.shapes import sample_batch
+        from ..datasets.shapes import sample_batch
 
         return sample_batch(n, seed=0)[0], sample_batch(256, seed=1)[0]
     raise ValueError(f"data must be builtin:emoji or builtin:shapes, got {data!r}")

@@ -26,7 +26,7 @@ HELD_OUT_EVERY = 20
 
 LICENSE_TEXT = """\
 The images in emoji64.npz are Microsoft Fluent Emoji (flat style), rasterised to 64x64 RGB on white by
-latentdiff.data.emoji.build_emoji from the npm package @iconify-json/fluent-emoji-flat (version {version}),
+latentdiff.datasets.emoji.build_emoji from the npm package @iconify-json/fluent-emoji-flat (version {version}),
 which repackages https://github.com/microsoft/fluentui-emoji. Captions are derived from the icon names.
 
 MIT License
