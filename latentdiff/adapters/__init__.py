@@ -1,0 +1,1 @@
+"""Adapters: LoRA / LyCORIS, textual-inversion embeddings."""
