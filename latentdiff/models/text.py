@@ -5,7 +5,9 @@ Module paths equal the released single-file keys after the prefix strip:
   OpenCLIP  ``cond_stage_model.`` (SD2) / ``conditioner.embedders.1.`` (SDXL) -> ``model.*``
 so a released file loads with ``load_state_dict(strict=True)`` once ``position_ids`` (not a weight) is dropped.
 
-Both encoders return ``(hidden, pooled)`` for ids of shape (B, 77):
+Both encoders return ``(hidden, pooled)`` for ids of shape (B, 77), optionally with ``inputs_embeds`` (B, 77, W):
+token embeddings used instead of looking ``ids`` up (textual inversion writes its vectors into
+``embed_tokens(ids)`` at placeholder positions); ``ids`` still locate the end token for pooling.
   hidden  (B, 77, W): the hidden state ``layer_from_end`` layers from the end (1 = last block's output,
           2 = penultimate), through the final layer norm iff ``cfg.final_norm``;
   pooled  the final block's output through the final layer norm at the first end token (49407), times
@@ -13,6 +15,7 @@ Both encoders return ``(hidden, pooled)`` for ids of shape (B, 77):
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -64,6 +67,25 @@ def _eot_index(ids: torch.Tensor) -> torch.Tensor:
     return (ids == EOT_ID).int().argmax(dim=-1)  # (B,)
 
 
+def _check_embeds(ids: torch.Tensor, inputs_embeds: torch.Tensor, width: int) -> None:
+    if inputs_embeds.shape != (*ids.shape, width):
+        raise ValueError(f"inputs_embeds must have shape {(*ids.shape, width)} (ids' shape + width), "
+                         f"got {tuple(inputs_embeds.shape)}")
+
+
+@contextlib.contextmanager
+def _output_replaced(module: nn.Module, output: torch.Tensor | None):
+    """While inside, ``module`` returns ``output`` (None: unchanged, no hook at all)."""
+    if output is None:
+        yield
+        return
+    handle = module.register_forward_hook(lambda mod, args, out: output)  # a hook's return replaces the output
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def clip_config_kwargs(cfg: TextEncoderConfig, layers: int | None = None) -> dict:
     """transformers CLIPTextConfig kwargs for ``cfg`` (``layers`` overrides the depth, see weights/diffusers/text.py)."""
     return dict(
@@ -97,12 +119,22 @@ class CLIPTextEncoder(nn.Module):
         # garbage after to_empty) when the module is built on meta and loaded with assign=True
         del self.transformer.text_model.embeddings.position_ids
 
-    def forward(self, ids: torch.Tensor, layer_from_end: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (B, 77, W) of ids (B, 77), before the position embedding is added."""
+        return self.transformer.text_model.embeddings.token_embedding(ids)
+
+    def forward(self, ids: torch.Tensor, layer_from_end: int | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         k = self.cfg.layer_from_end if layer_from_end is None else layer_from_end
         _check_layer(self.cfg, k)
         clip = self.transformer.text_model
+        if inputs_embeds is not None:
+            _check_embeds(ids, inputs_embeds, self.cfg.width)
         positions = torch.arange(ids.shape[1], device=ids.device)[None]  # (1, 77)
-        out = clip(input_ids=ids, position_ids=positions, output_hidden_states=True)
+        # transformers' CLIPTextModel (5.x; 4.x's CLIPTextTransformer alike) takes no inputs_embeds, so the ids go in
+        # and the token lookup's output is swapped for inputs_embeds (what A1111's EmbeddingsWithFixes does)
+        with _output_replaced(clip.embeddings.token_embedding, inputs_embeds):
+            out = clip(input_ids=ids, position_ids=positions, output_hidden_states=True)
         hidden = out.hidden_states[-k]  # (B, 77, W); hidden_states[0] is the embedding output
         if self.cfg.final_norm:
             hidden = clip.final_layer_norm(hidden)
@@ -162,11 +194,20 @@ class OpenCLIPTextEncoder(nn.Module):
         self.cfg = cfg
         self.model = OpenCLIPTextTower(cfg)
 
-    def forward(self, ids: torch.Tensor, layer_from_end: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (B, 77, W) of ids (B, 77), before the positional embedding is added."""
+        return self.model.token_embedding(ids)
+
+    def forward(self, ids: torch.Tensor, layer_from_end: int | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         k = self.cfg.layer_from_end if layer_from_end is None else layer_from_end
         _check_layer(self.cfg, k)
         m = self.model
-        x = m.token_embedding(ids) + m.positional_embedding[: ids.shape[1]]  # (B, 77, W)
+        if inputs_embeds is None:
+            inputs_embeds = m.token_embedding(ids)
+        else:
+            _check_embeds(ids, inputs_embeds, self.cfg.width)
+        x = inputs_embeds + m.positional_embedding[: ids.shape[1]]  # (B, 77, W)
         n = ids.shape[1]
         causal = torch.full((n, n), float("-inf"), device=x.device, dtype=x.dtype).triu_(1)  # (77, 77)
         blocks = m.transformer.resblocks
