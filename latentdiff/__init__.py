@@ -37,7 +37,8 @@ def _find(name: str) -> Path | None:
 
 def load(path: str | os.PathLike | None = None, *, device: str | torch.device = "cpu",
          dtype: torch.dtype | None = None, prediction_type: str | None = None,
-         config: str | ModelConfig | None = None, vae: str | os.PathLike | None = None) -> Pipeline:
+         config: str | ModelConfig | None = None, vae: str | os.PathLike | None = None,
+         lora_dir: str | os.PathLike | None = None, embeddings_dir: str | os.PathLike | None = None) -> Pipeline:
     """Open a model for generation.
 
     path: a `.safetensors` / `.ckpt` single file, a diffusers folder, or the name of a model in checkpoints/
@@ -49,6 +50,9 @@ def load(path: str | os.PathLike | None = None, *, device: str | torch.device = 
     torch.float32 = the exact path, bit for bit diffusers' fp32. vae: a standalone VAE file or diffusers vae/
     folder replacing the model's VAE (see Pipeline.load_vae); None = `<model>.vae.safetensors` (or .pt / .ckpt)
     next to a single file if there is one, as A1111 does, else the model's own.
+    lora_dir: where `<lora:NAME:W>` prompt tags find NAME (searched recursively); None = $LATENTDIFF_LORA_DIR,
+    then `loras/` next to the model. embeddings_dir: textual-inversion files usable by name in prompts; None =
+    $LATENTDIFF_EMBEDDINGS_DIR, then `embeddings/` next to the model, where they exist.
     """
     from . import speed, weights
     from .weights import preview
@@ -79,6 +83,13 @@ def load(path: str | os.PathLike | None = None, *, device: str | torch.device = 
     pipe = Pipeline(cfg, **modules, device=device, dtype=dtype, source=p.name, exact=exact)
     if vae is not None:
         pipe.load_vae(vae)
+    pipe.lora_dirs = [Path(d) for d in (lora_dir, os.environ.get("LATENTDIFF_LORA_DIR")) if d] + [p.parent / "loras"]
+    for d in [Path(d) for d in (embeddings_dir, os.environ.get("LATENTDIFF_EMBEDDINGS_DIR")) if d] or [
+            p.parent / "embeddings"]:
+        if d.is_dir():
+            pipe.load_embeddings_dir(d)
+        elif embeddings_dir is not None and d == Path(embeddings_dir):
+            raise FileNotFoundError(f"embeddings_dir {d} is not a folder")
     if p.is_file() and preview.preview_path(p).is_file():
         pipe.load_preview(preview.preview_path(p))
     return pipe

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from PIL import Image
 from torch import nn
 
 from . import speed
+from .adapters.embeddings import Embedding, check, load_dir, read_embedding
 from .config import ModelConfig
 from .images import format_parameters, resize, to_pil, to_tensor
 from .models.text import Tokenizer
@@ -58,6 +60,8 @@ class Pipeline:
         self._compiled_unet = None  # see compile()
         self.preview_decoder = None  # see load_preview() / preview()
         self.last_seed: int | None = None  # the seed of the last call (drawn at random for seed=None)
+        self.embeddings: dict[str, Embedding] = {}  # textual inversion: name -> vectors, usable in prompts
+        self.lora_dirs: list[Path] = []  # where <lora:NAME:W> tags look (latentdiff.load sets them)
 
     # --- conditioning -------------------------------------------------------------------------------------
 
@@ -78,7 +82,7 @@ class Pipeline:
             return self._prompt_cache[key]
         with torch.inference_mode(), speed.on_device(self.text_encoders, self.device, self.offload):
             c, cp, u, up = encode_prompts(self.tokenizer, list(self.text_encoders), prompts, negatives,
-                                          clip_skip=clip_skip)
+                                          clip_skip=clip_skip, embeddings=self.embeddings)
         if self.cfg.family == "sdxl" and negative_prompt is None:
             u, up = torch.zeros_like(u), torch.zeros_like(up)
         if len(self._prompt_cache) >= 16:
@@ -240,6 +244,24 @@ class Pipeline:
             for im in images:
                 im.info["parameters"] = format_parameters(params, self.source or self.cfg.name)
         return images
+
+    def load_embedding(self, path, token: str | None = None) -> str:
+        """A textual-inversion embedding (A1111 `.pt` / `.safetensors`, diffusers `learned_embeds`, SDXL
+        `clip_l` + `clip_g`), usable in prompts and negatives as `token` (default: the file stem), also inside
+        emphasis `(token:1.2)`. Returns the token. A file of the wrong width raises and changes nothing."""
+        emb = read_embedding(path, token)
+        check(emb, self.cfg.text)
+        self.embeddings[emb.token] = emb
+        self._prompt_cache.clear()
+        return emb.token
+
+    def load_embeddings_dir(self, directory) -> list[str]:
+        """Every embedding in `directory` that fits this model, by file stem (A1111's embeddings folder; files
+        for another model family are skipped with a warning)."""
+        found = load_dir(directory, self.cfg.text)
+        self.embeddings.update(found)
+        self._prompt_cache.clear()
+        return sorted(found)
 
     def load_vae(self, path) -> None:
         """Replace the VAE's weights with a standalone VAE file: original keys (`encoder.*`, `decoder.*`, ...), the

@@ -279,3 +279,35 @@ def test_prompts_without_embeddings_are_unchanged(tok, sdxl_encoders):
             assert torch.equal(a, b)
         with pytest.raises(ValueError, match=r"inputs_embeds must have shape \(2, 77, \d+\)"):
             enc(ids, None, enc.embed_tokens(ids)[:, :76])
+
+
+def test_pipeline_embeddings_folder_and_load_embedding_match_diffusers(tmp_path):
+    """Wired through latentdiff.load: `embeddings/` next to the model, and pipe.load_embedding; final latents."""
+    import diffusers
+
+    import latentdiff
+
+    src = tiny_pipe("tiny-sd15")
+    src.save(tmp_path / "m.safetensors")
+    (tmp_path / "embeddings").mkdir()
+    pos = _a1111_pt(tmp_path / "embeddings" / "tinypos.pt", _vec(3, 32, 0))
+    neg = _st(tmp_path / "tinyneg.safetensors", {"emb_params": _vec(2, 32, 1)})
+    pipe = latentdiff.load(tmp_path / "m.safetensors", dtype=torch.float32)
+    assert sorted(pipe.embeddings) == ["tinypos"]
+    before = pipe("tinypos", steps=4, sampler="euler", output="latent", progress=False)
+    assert pipe.load_embedding(neg) == "tinyneg"
+    prompt, negative = "a photo of tinypos, riding a horse", "blurry, tinyneg"
+    ours = pipe(prompt, negative_prompt=negative, steps=4, sampler="euler", guidance_scale=7.5,
+                output="latent", progress=False)
+    dpipe = diffusers_twin(src, tmp_path / "d")
+    dpipe.load_textual_inversion(str(pos), token="tinypos")
+    dpipe.load_textual_inversion(str(neg), token="tinyneg")
+    dpipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(dpipe.scheduler.config)
+    dpipe.set_progress_bar_config(disable=True)
+    theirs = dpipe(prompt, negative_prompt=negative, num_inference_steps=4, guidance_scale=7.5, height=64,
+                   width=64, generator=torch.Generator("cpu").manual_seed(0), output_type="latent").images
+    assert ((ours - theirs).abs().max() / theirs.abs().max()) < 1e-3
+    with pytest.raises(CheckpointError, match="width"):
+        pipe.load_embedding(_st(tmp_path / "wide.safetensors", {"emb_params": _vec(2, 768, 2)}))
+    assert sorted(pipe.embeddings) == ["tinyneg", "tinypos"]
+    assert torch.equal(before, pipe("tinypos", steps=4, sampler="euler", output="latent", progress=False))
