@@ -83,7 +83,7 @@ def load(path: str | os.PathLike | None = None, *, device: str | torch.device = 
     pipe = Pipeline(cfg, **modules, device=device, dtype=dtype, source=p.name, exact=exact)
     if vae is not None:
         pipe.load_vae(vae)
-    pipe.lora_dirs = [Path(d) for d in (lora_dir, os.environ.get("LATENTDIFF_LORA_DIR")) if d] + [p.parent / "loras"]
+    pipe.adapters.lora_dirs = [Path(d) for d in (lora_dir, os.environ.get("LATENTDIFF_LORA_DIR")) if d] + [p.parent / "loras"]
     for d in [Path(d) for d in (embeddings_dir, os.environ.get("LATENTDIFF_EMBEDDINGS_DIR")) if d] or [
             p.parent / "embeddings"]:
         if d.is_dir():

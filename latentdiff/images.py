@@ -9,6 +9,7 @@ Tensors are (B, 3, H, W) RGB in [-1, 1] (what the VAE takes and gives) and masks
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +78,13 @@ def format_parameters(p: dict, model: str) -> str:
     if "strength" in p:
         fields.append(("Denoising strength", p["strength"]))
     fields.append(("Model", model))
+    if p.get("lora_hashes"):  # A1111's entry: Lora hashes: "name: 0123456789ab, other: ..."
+        fields.append(("Lora hashes", '"' + ", ".join(f"{n}: {h}" for n, h in p["lora_hashes"].items()) + '"'))
     return f"{prompt}\nNegative prompt: {p['negative_prompt']}\n" + ", ".join(f"{k}: {v}" for k, v in fields)
+
+
+# one "Key: value" of the last line; a value may be quoted and hold commas (A1111's re_param, infotext_utils.py)
+_FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
 
 def parse_parameters(text: str) -> dict:
@@ -85,7 +92,7 @@ def parse_parameters(text: str) -> dict:
     lines = text.strip().split("\n")
     if len(lines) < 2 or not lines[-1].startswith("Steps:"):
         raise ValueError("PNG 'parameters' text has no 'Steps: ...' line; not an A1111-style parameters chunk")
-    fields = dict(f.split(": ", 1) for f in lines[-1].split(", ") if ": " in f)
+    fields = {m[1]: m[2] for m in _FIELD.finditer(lines[-1])}
     body = lines[:-1]
     neg = [i for i, line in enumerate(body) if line.startswith("Negative prompt: ")]
     prompt = "\n".join(body[: neg[0]] if neg else body)

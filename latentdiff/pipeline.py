@@ -12,7 +12,6 @@ import contextlib
 import logging
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +19,8 @@ from PIL import Image
 from torch import nn
 
 from . import speed
-from .adapters.embeddings import Embedding, check, load_dir, read_embedding
+from .adapters.active import ActiveAdapters, untagged
+from .adapters.embeddings import check, load_dir, read_embedding
 from .config import ModelConfig
 from .images import format_parameters, resize, to_pil, to_tensor
 from .models.text import Tokenizer
@@ -60,8 +60,7 @@ class Pipeline:
         self._compiled_unet = None  # see compile()
         self.preview_decoder = None  # see load_preview() / preview()
         self.last_seed: int | None = None  # the seed of the last call (drawn at random for seed=None)
-        self.embeddings: dict[str, Embedding] = {}  # textual inversion: name -> vectors, usable in prompts
-        self.lora_dirs: list[Path] = []  # where <lora:NAME:W> tags look (latentdiff.load sets them)
+        self.adapters = ActiveAdapters(unet, text_encoders)  # LoRAs, embeddings (see load_lora, load_embedding)
 
     # --- conditioning -------------------------------------------------------------------------------------
 
@@ -82,7 +81,7 @@ class Pipeline:
             return self._prompt_cache[key]
         with torch.inference_mode(), speed.on_device(self.text_encoders, self.device, self.offload):
             c, cp, u, up = encode_prompts(self.tokenizer, list(self.text_encoders), prompts, negatives,
-                                          clip_skip=clip_skip, embeddings=self.embeddings)
+                                          clip_skip=clip_skip, embeddings=self.adapters.embeddings)
         if self.cfg.family == "sdxl" and negative_prompt is None:
             u, up = torch.zeros_like(u), torch.zeros_like(up)
         if len(self._prompt_cache) >= 16:
@@ -138,10 +137,19 @@ class Pipeline:
         pixels come back exactly up to the VAE round trip."""
         return self._generate(prompt, image=image, mask=mask, strength=strength, **kw)
 
-    def _generate(self, prompt, *, image=None, mask=None, strength=1.0, guidance_scale=None, steps=None,
-                  negative_prompt=None, seed=0, sampler=None, schedule="normal", timestep_spacing=None, height=None,
-                  width=None, num_images=1, output="pil", guidance_rescale=0.0, clip_skip=None, callback=None,
-                  progress=True):
+    def _generate(self, prompt, *, negative_prompt=None, **kw):
+        """LoRA prompt tags apply for this call only: merged, the tags cut from the text, undone afterwards."""
+        texts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = [] if negative_prompt is None else [negative_prompt] if isinstance(negative_prompt, str) \
+            else list(negative_prompt)
+        with self.adapters.prompt_loras(texts + negatives, self._weights_changed) as lora_hashes:
+            return self._images(untagged(prompt), negative_prompt=untagged(negative_prompt), written=(
+                prompt, negative_prompt, lora_hashes), **kw)
+
+    def _images(self, prompt, *, written, image=None, mask=None, strength=1.0, guidance_scale=None, steps=None,
+                negative_prompt=None, seed=0, sampler=None, schedule="normal", timestep_spacing=None, height=None,
+                width=None, num_images=1, output="pil", guidance_rescale=0.0, clip_skip=None, callback=None,
+                progress=True):
         guidance_scale = self.cfg.guidance_scale if guidance_scale is None else guidance_scale
         steps = self.cfg.steps if steps is None else steps
         sampler = sampler or self.cfg.sampler
@@ -193,8 +201,11 @@ class Pipeline:
         self.last_seed = seed
         if output == "latent":
             return latents
+        prompt, negative_prompt, lora_hashes = written  # the PNG keeps the tags: --from-png applies them again
         params = dict(prompt=prompt, negative_prompt=negative_prompt or "", steps=steps, sampler=sampler,
                       schedule=schedule, guidance_scale=guidance_scale, seed=seed, height=height, width=width)
+        if lora_hashes:
+            params["lora_hashes"] = lora_hashes
         if image is not None:
             params["strength"] = strength
         return self.decode(latents, params)
@@ -245,13 +256,46 @@ class Pipeline:
                 im.info["parameters"] = format_parameters(params, self.source or self.cfg.name)
         return images
 
+    # --- adapters -----------------------------------------------------------------------------------------
+
+    def load_lora(self, path, weight: float = 1.0, *, text_encoder_weight: float | None = None,
+                  strict: bool = True) -> str:
+        """Merge a LoRA / LyCORIS file (kohya, diffusers / PEFT, LoHa, LoKr, full, DoRA; adapters/lora.py) into the
+        weights: no cost per step. `weight` scales the U-Net part, `text_encoder_weight` (default: weight) the text
+        encoders'. Returns its name (the file stem). A key that matches no module is an error naming the keys and
+        the architecture the file was made for; strict=False applies the rest and logs them. Several LoRAs stack;
+        loading a name again replaces it."""
+        f = self.adapters.lora_file(path)
+        self.adapters.stack.add(f, f.path.stem, weight, text_encoder_weight, strict)
+        self._weights_changed()
+        return f.path.stem
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Undo one LoRA (None: all); the weights come back bit for bit."""
+        self.adapters.stack.remove(name)
+        self._weights_changed()
+
+    @property
+    def loras(self) -> dict[str, tuple[float, float]]:
+        """Loaded LoRAs: name -> (text-encoder weight, U-Net weight), in merge order."""
+        return self.adapters.stack.weights
+
+    @property
+    def embeddings(self) -> dict:
+        """Loaded textual-inversion embeddings: token -> Embedding."""
+        return self.adapters.embeddings
+
+    def _weights_changed(self) -> None:
+        self._prompt_cache.clear()  # the text encoders may have changed
+        self._compiled_unet = None  # it holds the weights it was compiled with
+
     def load_embedding(self, path, token: str | None = None) -> str:
         """A textual-inversion embedding (A1111 `.pt` / `.safetensors`, diffusers `learned_embeds`, SDXL
         `clip_l` + `clip_g`), usable in prompts and negatives as `token` (default: the file stem), also inside
         emphasis `(token:1.2)`. Returns the token. A file of the wrong width raises and changes nothing."""
         emb = read_embedding(path, token)
         check(emb, self.cfg.text)
-        self.embeddings[emb.token] = emb
+        self.adapters.embeddings[emb.token] = emb
         self._prompt_cache.clear()
         return emb.token
 
@@ -259,7 +303,7 @@ class Pipeline:
         """Every embedding in `directory` that fits this model, by file stem (A1111's embeddings folder; files
         for another model family are skipped with a warning)."""
         found = load_dir(directory, self.cfg.text)
-        self.embeddings.update(found)
+        self.adapters.embeddings.update(found)
         self._prompt_cache.clear()
         return sorted(found)
 

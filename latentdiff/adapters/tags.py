@@ -92,3 +92,18 @@ def find(name: str, dirs: list[Path]) -> Path:
     raise FileNotFoundError(f"LoRA {name!r} not found (looked for {name}{'/'.join(SUFFIXES)} or a file whose "
                             f"ss_output_name is {name!r} under {looked or [str(d) for d in dirs] or 'no folder'}; "
                             "set lora_dir= or $LATENTDIFF_LORA_DIR)")
+
+
+def short_hash(path: Path) -> str:
+    """A1111's LoRA hash, the first 12 hex digits of a sha256: for `.safetensors` of the tensor bytes only
+    (`hashes.addnet_hash_safetensors`: the header, where metadata lives, is skipped), else of the whole file."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if path.suffix == ".safetensors":
+            (n,) = struct.unpack("<Q", f.read(8))
+            f.seek(8 + n)
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:12]
