@@ -1,10 +1,12 @@
-"""`latentdiff generate | convert | eval | data` (training: `accelerate launch train.py`; benchmarks against
+"""`latentdiff generate | convert | merge-lora | lora-info | eval | data` (training: `accelerate launch train.py`; benchmarks against
 diffusers: `python benchmarks/bench_vs_diffusers.py`, a script of the repository since it imports diffusers)."""
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+
+import torch
 
 from .speed import DTYPES
 
@@ -22,7 +24,11 @@ def _generate(a) -> None:
         pipe = latentdiff.from_config(a.random_preset, device=a.device, dtype=DTYPES[a.dtype] if a.dtype else None)
     else:
         pipe = latentdiff.load(a.model, device=a.device, dtype=DTYPES[a.dtype] if a.dtype else None,
-                               prediction_type=a.prediction_type, config=a.config)
+                               prediction_type=a.prediction_type, config=a.config, vae=a.vae, lora_dir=a.lora_dir,
+                               embeddings_dir=a.embeddings_dir)
+    for spec in a.lora:
+        path, weight = _lora_spec(spec, pipe.adapters.lora_dirs)
+        pipe.load_lora(path, weight)
     kw = dict(prompt=a.prompt, guidance_scale=a.cfg, steps=a.steps, negative_prompt=a.negative, seed=a.seed,
               sampler=a.sampler, schedule=a.schedule, timestep_spacing=a.spacing, height=a.height, width=a.width,
               num_images=a.num_images, clip_skip=a.clip_skip, guidance_rescale=a.guidance_rescale)
@@ -49,6 +55,44 @@ def _generate(a) -> None:
         grid.info["parameters"] = images[0].info.get("parameters", "")
         save_png(grid, a.output)
     print(f"wrote {a.output} (seed {pipe.last_seed})")
+
+
+def _lora_spec(spec: str, dirs) -> tuple[str, float]:
+    """NAME[:W] or PATH[:W] -> (file, weight); a name is looked up as <lora:NAME> tags are."""
+    from pathlib import Path
+
+    from latentdiff.adapters.tags import find
+
+    name, sep, weight = spec.rpartition(":")
+    try:
+        w = float(weight) if sep else 1.0
+    except ValueError:
+        name, w = spec, 1.0  # no weight given, and the name itself holds a ":"
+    return str(Path(name) if Path(name).is_file() else find(name, list(dirs))), w
+
+
+def _merge_lora(a) -> None:
+    """kohya's merge script: the LoRAs merged into the base model's weights, saved as a new single file."""
+    from pathlib import Path
+
+    import latentdiff
+
+    if Path(a.output).resolve() == Path(a.base).resolve():
+        raise ValueError(f"-o {a.output} is the base model itself; write the merged model to a new file")
+    pipe = latentdiff.load(a.base, dtype=torch.float32)  # merge in fp32, save in --dtype
+    for spec in a.loras:
+        path, weight = _lora_spec(spec, [Path(a.base).parent / "loras"])
+        pipe.load_lora(path, weight)
+    pipe.save(a.output, dtype=DTYPES[a.dtype])
+    print(f"wrote {a.output} (" + ", ".join(f"{n} x{u}" for n, (_, u) in pipe.loras.items()) + f", {a.dtype})")
+
+
+def _lora_info(a) -> None:
+    import json
+
+    from latentdiff.adapters.lora import lora_info
+
+    print(json.dumps(lora_info(a.file), indent=2, default=str))
 
 
 def _convert(a) -> None:
@@ -89,7 +133,23 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", choices=list(DTYPES), default=None)
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--vae", default=None, help="standalone VAE file or diffusers vae/ folder")
+    g.add_argument("--lora", action="append", default=[], metavar="NAME[:W]",
+                   help="merge a LoRA (file or name in --lora-dir) for this run; repeatable")
+    g.add_argument("--lora-dir", default=None, help="where <lora:NAME:W> prompt tags look (default: loras/)")
+    g.add_argument("--embeddings-dir", default=None, help="textual-inversion files usable by name in prompts")
     g.set_defaults(func=_generate)
+
+    m = sub.add_parser("merge-lora", help="merge LoRAs into a model: merge-lora BASE LORA[:W] ... -o OUT")
+    m.add_argument("base")
+    m.add_argument("loras", nargs="+", metavar="LORA[:W]")
+    m.add_argument("-o", "--output", required=True)
+    m.add_argument("--dtype", choices=list(DTYPES), default="fp16")
+    m.set_defaults(func=_merge_lora)
+
+    i = sub.add_parser("lora-info", help="format, target model, ranks, alphas and training metadata of a LoRA")
+    i.add_argument("file")
+    i.set_defaults(func=_lora_info)
 
     c = sub.add_parser("convert", help="single file <-> diffusers folder, change dtype")
     c.add_argument("input")

@@ -117,3 +117,24 @@ def test_truncated_file_and_shape_mismatch_change_nothing(tmp_path):
     with pytest.raises(CheckpointError, match=r"wrong.safetensors: 1 modules do not fit .*attn1_to_q"):
         pipe.load_lora(save(sd, tmp_path / "wrong.safetensors"))
     assert same() and pipe.loras == {}
+
+
+def test_cli_merge_lora_lora_info_and_generate_with_lora(model, tmp_path, capsys):
+    from latentdiff import cli
+
+    lora = model / "loras" / "style.safetensors"
+    cli.main(["lora-info", str(lora)])
+    info = capsys.readouterr().out
+    assert '"format": "kohya"' in info and '"ranks": [\n    4\n  ]' in info
+    out = tmp_path / "merged.safetensors"
+    cli.main(["merge-lora", str(model / "m.safetensors"), f"{lora}:0.7", "-o", str(out), "--dtype", "fp32"])
+    merged = latentdiff.load(out, dtype=torch.float32)
+    pipe = latentdiff.load(model / "m.safetensors", dtype=torch.float32)
+    pipe.load_lora(lora, 0.7)
+    assert torch.equal(latents(merged), latents(pipe))
+    with pytest.raises(SystemExit, match="is the base model itself"):
+        cli.main(["merge-lora", str(out), "style", "-o", str(out)])
+    png = tmp_path / "x.png"
+    cli.main(["generate", "a red apple", "-m", str(model / "m.safetensors"), "--lora", "style:0.7", "--steps", "2",
+              "-H", "64", "-W", "64", "-o", str(png), "-q", "--dtype", "fp32"])
+    assert png.is_file()
