@@ -167,7 +167,7 @@ class Pipeline:
         f = self.cfg.vae.downsample
         shape = (B, self.cfg.unet.out_channels, height // f, width // f)
         generator = torch.Generator("cpu").manual_seed(seed)
-        sched = schedules.get_sigmas(sampler, steps, schedule, timestep_spacing, alphas_cumprod=self.alphas_cumprod)
+        sched = samplers.get_sigmas(sampler, steps, schedule, timestep_spacing, alphas_cumprod=self.alphas_cumprod)
         start = schedules.strength_start(steps, strength)
         if start >= steps:
             raise ValueError(f"strength={strength} with steps={steps} leaves no step to run; raise either")

@@ -15,7 +15,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from latentdiff.sampling import samplers, schedules  # noqa: E402
 from latentdiff.sampling.denoiser import Denoiser  # noqa: E402
-from latentdiff.sampling.schedules import get_sigmas  # noqa: E402
+from latentdiff.sampling.samplers import get_sigmas  # noqa: E402
 
 SHAPE = (1, 4, 8, 8)
 GUIDANCE = 7.5

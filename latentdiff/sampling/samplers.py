@@ -1,7 +1,7 @@
 """Every sampler, k-diffusion's contract: ``sample_<name>(model, x, sigmas, extra_args, callback, generator, disable)``.
 
 model(x, sigma, **extra_args) -> x0 in VE space (x = x0 + sigma * eps); x arrives already scaled by the initial
-noise level; sigmas (N+1,) descending, from ``schedules.get_sigmas`` (it ends in 0, or in sigma_min for DDIM /
+noise level; sigmas (N+1,) descending, from ``get_sigmas`` (it ends in 0, or in sigma_min for DDIM /
 PNDM). Per-step noise is ``torch.randn`` from ``generator`` in the order and shape diffusers' scheduler draws it,
 so a CPU generator seeded like diffusers' pipeline gives the same latents. callback({"i", "sigma", "x",
 "denoised"}) runs once per step. The diffusers scheduler each one reproduces is named in its docstring;
@@ -22,6 +22,7 @@ from tqdm.auto import trange
 from .denoiser import Denoiser
 # samplers -> schedules at import time; schedules reads SAMPLERS only inside get_sigmas (the other direction would
 # loop through denoiser.py, which needs schedules first)
+from . import schedules
 from .schedules import Schedule
 
 
@@ -373,25 +374,38 @@ class Sampler:
 
     fn: Callable  # sample_<name>(model, x, sigmas, extra_args, callback, generator, disable), the contract above
     family: str  # how diffusers builds its timesteps: "sigma" | "dpm" | "vp" (schedules.py, get_sigmas)
-    a1111: str  # A1111's label in its PNGs' "Sampler:" field (params.parse_parameters; ours write the name)
+    a1111: str  # A1111's label in its PNGs' "Sampler:" field (images.parse_parameters; ours write the name)
+    round_karras_t: bool = False  # its diffusers scheduler rounds karras timesteps (schedules.family_sigmas)
+    last_to_zero: bool = False  # a "vp" sampler whose last step goes to alpha = 1
 
 
 SAMPLERS: dict[str, Sampler] = {
     "euler": Sampler(sample_euler, "sigma", "Euler"),
     "euler_a": Sampler(sample_euler_a, "sigma", "Euler a"),
     "heun": Sampler(sample_heun, "sigma", "Heun"),
-    "dpm2": Sampler(sample_dpm2, "sigma", "DPM2"),
-    "dpm2_a": Sampler(sample_dpm2_a, "sigma", "DPM2 a"),
+    "dpm2": Sampler(sample_dpm2, "sigma", "DPM2", round_karras_t=True),
+    "dpm2_a": Sampler(sample_dpm2_a, "sigma", "DPM2 a", round_karras_t=True),
     "lms": Sampler(sample_lms, "sigma", "LMS"),
     "dpmpp_2m": Sampler(sample_dpmpp_2m, "dpm", "DPM++ 2M"),
     "dpmpp_2m_sde": Sampler(sample_dpmpp_2m_sde, "dpm", "DPM++ 2M SDE"),
     "dpmpp_2s_a": Sampler(sample_dpmpp_2s_a, "sigma", "DPM++ 2S a"),
     "dpmpp_sde": Sampler(sample_dpmpp_sde, "sigma", "DPM++ SDE"),
     "ddim": Sampler(sample_ddim, "vp", "DDIM"),
-    "ddpm": Sampler(sample_ddpm, "vp", "DDPM"),
+    "ddpm": Sampler(sample_ddpm, "vp", "DDPM", last_to_zero=True),
     "pndm": Sampler(sample_pndm, "vp", "PLMS"),
     "unipc": Sampler(sample_unipc, "dpm", "UniPC"),
 }
+
+
+def get_sigmas(name: str, steps: int, schedule: str = "normal", spacing: str | None = None,
+               alphas_cumprod: torch.Tensor | None = None, steps_offset: int = 1) -> Schedule:
+    """The sigmas and U-Net timesteps diffusers' scheduler for sampler ``name`` uses with ``steps`` steps (see
+    schedules.family_sigmas for schedule, spacing and alphas_cumprod)."""
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {name!r}")
+    row = SAMPLERS[name]
+    return schedules.family_sigmas(row.family, steps, schedule, spacing, alphas_cumprod, steps_offset,
+                                   round_karras_t=row.round_karras_t, last_to_zero=row.last_to_zero)
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, schedule: Schedule) -> torch.Tensor:

@@ -44,13 +44,13 @@ def model_alphas_cumprod(cfg) -> torch.Tensor:
     return rescale_zero_terminal_snr(ac) if cfg.zero_terminal_snr else ac
 
 
-_sd_alphas_cumprod = alphas_cumprod  # get_sigmas' argument of the same name shadows it
+_sd_alphas_cumprod = alphas_cumprod  # family_sigmas' argument of the same name shadows it
 
 
 def rescale_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """Lin et al. 2023 (Common Diffusion Noise Schedules and Sample Steps are Flawed), Alg. 1: shift and scale
     sqrt(alphas_cumprod) so the last step has zero SNR and the first is unchanged. Returns alphas_cumprod (T,)
-    whose last entry is exactly 0 (sigma = inf); get_sigmas clamps it to 2**-24 as diffusers does."""
+    whose last entry is exactly 0 (sigma = inf); family_sigmas clamps it to 2**-24 as diffusers does."""
     a = alphas_cumprod.sqrt()
     a0, aT = a[0].clone(), a[-1].clone()
     a = (a - aT) * (a0 / (a0 - aT))
@@ -105,9 +105,13 @@ def strength_start(steps: int, strength: float) -> int:
     return steps - min(int(steps * strength), steps)
 
 
-def get_sigmas(name: str, steps: int, schedule: str = "normal", spacing: str | None = None,
-               alphas_cumprod: torch.Tensor | None = None, steps_offset: int = 1) -> Schedule:
-    """The sigmas and U-Net timesteps diffusers' scheduler for sampler ``name`` uses with ``steps`` steps.
+def family_sigmas(family: str, steps: int, schedule: str = "normal", spacing: str | None = None,
+                  alphas_cumprod: torch.Tensor | None = None, steps_offset: int = 1, *, round_karras_t: bool = False,
+                  last_to_zero: bool = False) -> Schedule:
+    """The sigmas and U-Net timesteps diffusers' scheduler of a sampler family ("sigma" | "dpm" | "vp") uses with
+    ``steps`` steps; samplers.get_sigmas(name, ...) passes a sampler's family and its two quirks:
+    round_karras_t (KDPM2(Ancestral)Discrete round their karras timesteps) and last_to_zero (DDPM steps to
+    alpha = 1 at the end, DDIM / PNDM to alphas_cumprod[0]).
 
     schedule: "normal" (the spacing's own timesteps), "karras" (Karras et al. 2022, rho 7; diffusers'
     use_karras_sigmas) or "exponential" (log-uniform sigmas; use_exponential_sigmas).
@@ -115,13 +119,8 @@ def get_sigmas(name: str, steps: int, schedule: str = "normal", spacing: str | N
     DEFAULT_SPACING.
     alphas_cumprod: (T,) training schedule; None = SD's scaled_linear 0.00085 -> 0.012, T = 1000.
     """
-    from .samplers import SAMPLERS  # here, not at the top: samplers.py imports this module
-
-    if name not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {name!r}")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    family = SAMPLERS[name].family
     spacing = DEFAULT_SPACING[family] if spacing is None else spacing
     if spacing not in SPACINGS:
         raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
@@ -140,8 +139,8 @@ def get_sigmas(name: str, steps: int, schedule: str = "normal", spacing: str | N
         if schedule != "normal":
             sigmas = _karras_or_exp(schedule, sigmas[-1], sigmas[0], N)
             t = _sigma_to_t_np(sigmas, log_sigmas)
-            if schedule == "karras" and name in ("dpm2", "dpm2_a"):
-                t = t.round()  # KDPM2(Ancestral)Discrete rounds its karras timesteps
+            if schedule == "karras" and round_karras_t:
+                t = t.round()
         sigmas = np.append(sigmas, 0.0).astype(np.float32)
         smax = float(sigmas.max())
         init = smax if spacing in ("linspace", "trailing") else (smax**2 + 1) ** 0.5
@@ -163,7 +162,7 @@ def get_sigmas(name: str, steps: int, schedule: str = "normal", spacing: str | N
         if schedule == "normal":
             t = _spacing_int(spacing, N, T, steps_offset)
             sigmas = train_sigmas[t]
-            if name == "ddpm":
+            if last_to_zero:
                 last = 0.0  # DDPM steps to the next grid timestep, the last one to alpha = 1
             else:  # DDIM / PNDM step to t - T//N, and below 0 to alphas_cumprod[0]
                 prev = int(t[-1]) - T // N
