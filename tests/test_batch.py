@@ -171,3 +171,14 @@ def test_read_jobs_and_resolve(tmp_path):
     assert jobs[0] == {"prompt": "x"} and isinstance(jobs[1], ValueError)
     with pytest.raises(ValueError):
         batch.read_jobs(tmp_path / "p.csv")
+
+
+def test_generate_many_api(tmp_path):
+    import latentdiff
+    pipe = latentdiff.load()
+    jobs = ["a red apple", {"prompt": "a cat", "seed": 5}, {"prompt": "x", "sampler": "nope"}]
+    s = batch.generate_many(pipe, jobs, tmp_path, base_seed=10, progress=False, steps=1, width=64, height=64)
+    assert (s["jobs"], s["images"], s["failures"], s["done_before"]) == (3, 2, 1, 0)
+    assert [r["seed"] for r in _manifest(tmp_path)] == [10, 5, 12]
+    s = batch.generate_many(pipe, jobs, tmp_path, base_seed=10, progress=False, steps=1, width=64, height=64)
+    assert (s["images"], s["failures"], s["done_before"]) == (0, 1, 2)  # only the failed job runs again
