@@ -182,3 +182,19 @@ def test_generate_many_api(tmp_path):
     assert [r["seed"] for r in _manifest(tmp_path)] == [10, 5, 12]
     s = batch.generate_many(pipe, jobs, tmp_path, base_seed=10, progress=False, steps=1, width=64, height=64)
     assert (s["images"], s["failures"], s["done_before"]) == (0, 1, 2)  # only the failed job runs again
+
+
+def test_concurrent_runs_share_one_dir(one, tmp_path):
+    """Two runs started at once on one DIR: every job runs once (claim files), the images are the same."""
+    jobs = tmp_path / "good.jsonl"
+    jobs.write_text("".join(json.dumps(j) + "\n" for j in GOOD))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "latentdiff", *ARGS, "--prompts", str(jobs), "--out-dir", str(out)]
+    procs = [subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+             for _ in range(2)]
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=300)
+        assert p.returncode == 0, stdout + stderr
+    recs = _manifest(out)
+    assert sorted(r["index"] for r in recs) == list(range(6)) and all(r["status"] == "ok" for r in recs)
+    assert _pngs(out) == _pngs(one)
