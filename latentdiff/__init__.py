@@ -16,7 +16,7 @@ from .config import ModelConfig, load_config
 from .pipeline import Pipeline
 
 __version__ = "0.1.0"
-__all__ = ["load", "from_config", "Pipeline", "ModelConfig", "__version__"]
+__all__ = ["load", "from_config", "generate_many", "Pipeline", "ModelConfig", "__version__"]
 
 log = logging.getLogger("latentdiff")
 DEFAULT_MODEL = "emoji"
@@ -105,3 +105,10 @@ def from_config(config: str | ModelConfig, *, seed: int = 0, device: str | torch
     modules = weights.build_modules(cfg, meta=False)
     pipe = Pipeline(cfg, **modules, device=device, dtype=dtype or torch.float32, source=f"{cfg.name} (random)")
     return pipe.to(device, dtype or torch.float32)
+
+
+def generate_many(pipe: Pipeline, jobs, out_dir, base_seed: int = 0, **kw) -> dict:
+    """A prompt list on every process of an accelerate launch, resumable (latentdiff/batch.py)."""
+    from .batch import generate_many as run
+
+    return run(pipe, jobs, out_dir, base_seed, **kw)

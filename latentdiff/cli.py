@@ -1,5 +1,7 @@
-"""`latentdiff generate | convert | merge-lora | lora-info | eval | data` (training: `accelerate launch train.py`; benchmarks against
-diffusers: `python benchmarks/bench_vs_diffusers.py`, a script of the repository since it imports diffusers)."""
+"""`latentdiff generate | convert | merge-lora | lora-info | eval | data`.
+
+Training: `accelerate launch train.py`; benchmarks against diffusers: `python benchmarks/bench_vs_diffusers.py`, a
+script of the repository since it imports diffusers."""
 from __future__ import annotations
 
 import argparse
@@ -13,22 +15,28 @@ from .speed import DTYPES
 DEFAULTS = {"seed": 0, "schedule": "normal", "num_images": 1, "guidance_rescale": 0.0}
 
 
-def _generate(a) -> None:
+def _pipe(a, device):
     import latentdiff
-    from latentdiff.images import read_png_parameters
-    from latentdiff.images import image_grid, save_png
 
     if a.random_preset:
         print(f"note: using the '{a.random_preset}' preset with RANDOM weights (no trained model given): "
               "the image is noise-like, this only exercises the pipeline", file=sys.stderr)
-        pipe = latentdiff.from_config(a.random_preset, device=a.device, dtype=DTYPES[a.dtype] if a.dtype else None)
-    else:
-        pipe = latentdiff.load(a.model, device=a.device, dtype=DTYPES[a.dtype] if a.dtype else None,
-                               prediction_type=a.prediction_type, config=a.config, vae=a.vae, lora_dir=a.lora_dir,
-                               embeddings_dir=a.embeddings_dir)
+        return latentdiff.from_config(a.random_preset, device=device, dtype=DTYPES[a.dtype] if a.dtype else None)
+    pipe = latentdiff.load(a.model, device=device, dtype=DTYPES[a.dtype] if a.dtype else None,
+                           prediction_type=a.prediction_type, config=a.config, vae=a.vae, lora_dir=a.lora_dir,
+                           embeddings_dir=a.embeddings_dir)
     for spec in a.lora:
         path, weight = _lora_spec(spec, pipe.adapters.lora_dirs)
         pipe.load_lora(path, weight)
+    return pipe
+
+
+def _generate(a) -> None:
+    from latentdiff.images import image_grid, read_png_parameters, save_png
+
+    if a.prompts or a.out_dir:
+        return _generate_many(a)
+    pipe = _pipe(a, a.device or "cpu")
     kw = dict(prompt=a.prompt, guidance_scale=a.cfg, steps=a.steps, negative_prompt=a.negative, seed=a.seed,
               sampler=a.sampler, schedule=a.schedule, timestep_spacing=a.spacing, height=a.height, width=a.width,
               num_images=a.num_images, clip_skip=a.clip_skip, guidance_rescale=a.guidance_rescale)
@@ -95,6 +103,38 @@ def _lora_info(a) -> None:
     print(json.dumps(lora_info(a.file), indent=2, default=str))
 
 
+def _generate_many(a) -> None:
+    """--prompts FILE --out-dir DIR, on every process of an accelerate launch (latentdiff/batch.py)."""
+    from latentdiff import batch
+
+    if not (a.prompts and a.out_dir):
+        raise ValueError("--prompts FILE and --out-dir DIR go together")
+    if a.prompt or a.from_png or a.init_image or a.mask:
+        raise ValueError("--prompts takes its prompts from the file: no prompt argument, --from-png, "
+                         "--init-image or --mask with it")
+    state = batch.process_state(a.device)
+    if not state.is_main_process:
+        logging.getLogger().setLevel(logging.WARNING)  # model notes once, not once per process
+    try:
+        if state.device.type == "cpu":
+            batch.cpu_threads()
+        s = batch.generate_many(_pipe(a, state.device), a.prompts, a.out_dir, base_seed=a.seed,
+                                progress=not a.quiet, negative_prompt=a.negative, steps=a.steps,
+                                guidance_scale=a.cfg, sampler=a.sampler, schedule=a.schedule, timestep_spacing=a.spacing,
+                                height=a.height, width=a.width,
+                                num_images=a.num_images, clip_skip=a.clip_skip,
+                                guidance_rescale=a.guidance_rescale)
+    except batch.BatchError as e:  # e.g. the main process could not create the folder
+        raise ValueError(str(e)) from e
+    finally:
+        state.destroy_process_group()  # else a gloo rank can abort at exit and hang the others
+    if state.is_main_process:
+        print(batch.format_summary(s, a.out_dir))
+    if s["failures"]:
+        sys.exit(f"error: {s['failures']} job(s) failed; their errors are in {a.out_dir}/manifest.jsonl"
+                 if state.is_main_process else 1)
+
+
 def _convert(a) -> None:
     import latentdiff
 
@@ -109,6 +149,10 @@ def main(argv: list[str] | None = None) -> None:
 
     g = sub.add_parser("generate", help="text to image")
     g.add_argument("prompt", nargs="?", default=None)
+    g.add_argument("--prompts", default=None, help="a .txt (one prompt a line) or .jsonl (one job a line) file: "
+                   "one PNG per image in --out-dir, split between accelerate's processes, resumable; the options "
+                   "below are every job's defaults, --seed its base seed (job i: seed + i)")
+    g.add_argument("--out-dir", default=None, help="with --prompts: the images and manifest.jsonl")
     g.add_argument("--from-png", default=None, help="re-create an image from its PNG 'parameters' chunk")
     g.add_argument("--init-image", default=None, help="img2img / inpaint source image")
     g.add_argument("--mask", default=None, help="inpainting mask (white = repaint)")
@@ -130,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("-W", "--width", type=int, default=None)
     g.add_argument("--num-images", type=int, default=1)
     g.add_argument("--clip-skip", type=int, default=None)
-    g.add_argument("--device", default="cpu")
+    g.add_argument("--device", default=None, help="default cpu; with --prompts, accelerate's device per process")
     g.add_argument("--dtype", choices=list(DTYPES), default=None)
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.add_argument("--vae", default=None, help="standalone VAE file or diffusers vae/ folder")
