@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.utils import gather_object
 
 log = logging.getLogger("latentdiff.train")
 
@@ -98,3 +99,53 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def find_resume(resume: str | None, ckpt_dir: Path) -> Path | None:
+    """The checkpoint `--resume` names ("latest": the newest in ckpt_dir), or None; raises if there is none."""
+    if not resume:
+        return None
+    path = latest(ckpt_dir) if resume == "latest" else Path(resume)
+    if path is None or not path.is_file():
+        raise FileNotFoundError(f"--resume {resume}: no checkpoint found (looked in {ckpt_dir})")
+    return path
+
+
+def collect(acc, tc, cfg, trainee, optimizer, ema, step: int, epoch: int, position: int, skipped: int,
+            lr_factor: float) -> dict | None:
+    """The checkpoint of this step, on the main process (None on the others). Every rank calls it: the RNG
+    states come from every rank, and FSDP / ZeRO gather the full weights."""
+    rngs = gather_object([rng_state()])
+    trained = trainee.state_dict()  # {"model": ..., and the trainee's own entries}
+    if not acc.is_main_process:
+        return None
+    state = {"step": step, "epoch": epoch, "position": position, "config": tc.to_dict(),
+             "model_config": cfg.to_json(), "model": trained.pop("model"), "optimizer": optimizer.state_dict(),
+             "ema": ema.state_dict() if ema is not None else None, "rng": rngs, "skipped_images": skipped,
+             "lr_schedule": {"kind": "warmup+cosine", "warmup_steps": tc.warmup_steps, "steps": tc.steps,
+                             "min_lr_ratio": tc.min_lr_ratio, "factor": lr_factor}}
+    if acc.scaler is not None:
+        state["scaler"] = acc.scaler.state_dict()
+    return {**state, **trained}
+
+
+def restore(state: dict, tc, trainee, optimizer, ema, acc) -> tuple[int, int, int]:
+    """Load a checkpoint into the (unwrapped) trainee, the optimizer, the EMA and this rank's RNGs, before
+    accelerate's prepare; returns (step, epoch, position). The GradScaler's state is loaded after prepare."""
+    if state["config"] != tc.to_dict() and acc.is_main_process:
+        changed = {k: (state["config"].get(k), v) for k, v in tc.to_dict().items()
+                   if state["config"].get(k) != v and k != "resume"}
+        if changed:
+            log.warning("resuming with changed options (checkpoint value, now): %s", changed)
+    trainee.load_state_dict(state)
+    # load_state_dict also restores each group's hyperparameters; the current config's win (a resume with
+    # a new lr or weight decay uses them, as the warning above says)
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state["optimizer"])
+    for g, h in zip(optimizer.param_groups, hyper):
+        g.update(h)
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
+    rngs = state["rng"]
+    set_rng_state(rngs[acc.process_index] if len(rngs) == acc.num_processes else rngs[0])
+    return state["step"], state["epoch"], state["position"]
