@@ -53,28 +53,6 @@ def cpu_threads(local_processes: int) -> None:
         log.info("CPU threads per process: %d", n)
 
 
-def check_data(tc: TrainConfig, acc, cfg, records, skipped, shards) -> tuple[list, list | None]:
-    """(buckets, each record's bucket or None when streaming); raises when the data cannot fill one batch."""
-    multiple = cfg.vae.downsample * 2 ** (len(cfg.unet.channel_mult) - 1)
-    if tc.resolution % multiple:
-        raise ValueError(f"resolution must be a multiple of {multiple} for this model, got {tc.resolution}")
-    buckets = (data.make_buckets(tc.resolution, multiple, tc.bucket_max_ratio) if tc.buckets
-               else [(tc.resolution, tc.resolution)])
-    if shards is not None:
-        if acc.is_main_process:
-            log.info("data: %d WebDataset shards, streamed by %d process(es)", len(shards), acc.num_processes)
-        return buckets, None
-    bucket_of = [data.assign_bucket(r.size, buckets) for r in records]
-    per_rank = len(data.epoch_batches(bucket_of, tc.batch_size, tc.seed, 0, acc.process_index, acc.num_processes))
-    if per_rank == 0:
-        raise data.DataError(f"dataset {tc.data} has {len(records)} images: too few for one batch of "
-                             f"{tc.batch_size} per process on {acc.num_processes} process(es) in every bucket")
-    if acc.is_main_process:
-        log.info("data: %d images (%d unreadable skipped), %d buckets, %d batches per process per epoch",
-                 len(records), skipped, len(buckets), per_rank)
-    return buckets, bucket_of
-
-
 def save_checkpoint(acc, tc: TrainConfig, trainee: Trainee, optimizer, ema: EMA | None, step: int, epoch: int,
                     position: int, skipped: int) -> None:
     rngs = gather_object([checkpoint.rng_state()])  # every rank's RNG states
