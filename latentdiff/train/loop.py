@@ -53,34 +53,8 @@ def cpu_threads(local_processes: int) -> None:
         log.info("CPU threads per process: %d", n)
 
 
-def save_checkpoint(acc, tc: TrainConfig, trainee: Trainee, optimizer, ema: EMA | None, step: int, epoch: int,
-                    position: int, skipped: int) -> None:
-    rngs = gather_object([checkpoint.rng_state()])  # every rank's RNG states
-    full = acc.get_state_dict(trainee.wrapped[0])  # every rank takes part (FSDP / ZeRO gather the full weights)
-    if not acc.is_main_process:
-        return
-    state = {"step": step, "epoch": epoch, "position": position, "config": tc.to_dict(),
-             "model_config": trainee.cfg.to_json(), "model": trainee.model_state(full),
-             "optimizer": optimizer.state_dict(), "ema": ema.state_dict() if ema is not None else None, "rng": rngs,
-             "skipped_images": skipped,
-             "lr_schedule": {"kind": "warmup+cosine", "warmup_steps": tc.warmup_steps, "steps": tc.steps,
-                             "min_lr_ratio": tc.min_lr_ratio, "factor": lr_at(tc, step)}}
-    if acc.scaler is not None:
-        state["scaler"] = acc.scaler.state_dict()
-    state.update(trainee.extra_state())
-    path = checkpoint.save(tc.run_dir / "checkpoints", step, state, tc.keep_last)
-    log.info("saved %s", path)
 
 
-def write_log(acc, bar, log_path, rec: dict) -> None:
-    """One line of log.jsonl, the progress bar and console (main process), and the trackers (every rank)."""
-    if acc.is_main_process:
-        with open(log_path, "a") as fh:
-            fh.write(json.dumps(rec) + "\n")
-        bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", mfu=f"{rec['mfu']:.1%}")
-        tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()
-                            if k != "weights_fingerprint"))
-    acc.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=rec["step"])
 
 
 def make_trainee(tc: TrainConfig, cfg, modules: dict, acc: Accelerator, dataset: data.ImageDataset,
