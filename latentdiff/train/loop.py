@@ -1,11 +1,11 @@
 """The training loop: flat, top to bottom, over accelerate (DDP / FSDP / DeepSpeed / one CPU).
 
-    setup -> data check -> trainee (what is trained and its loss) -> optimizer -> resume -> prepare ->
-    for each micro-batch: trainee.loss -> backward -> (every grad_accum) clip, step, EMA, log, save
+    setup -> data check -> models -> trainee (what is trained and its loss) -> optimizer -> resume -> prepare ->
+    for each micro-batch: trainee.loss -> backward -> (every grad_accum) clip, step, EMA, log, validate, save
     -> export the EMA weights as one .safetensors that latentdiff.load opens.
 
 What is trained is the trainee's business (objective.Trainee): the full U-Net fine-tune (objective.py) or the
-VAE (vae.py); this file has one path for all of them.
+VAE (vae.py); make_trainee picks it from tc.mode, and this file has one path for all of them.
 """
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ import time
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast, gather_object
+from accelerate.utils import broadcast
 from tqdm.auto import tqdm
 
-from latentdiff import weights
+from latentdiff.config import ModelConfig
 
 from . import checkpoint, data, webdata
 from .config import TrainConfig
@@ -53,11 +53,7 @@ def cpu_threads(local_processes: int) -> None:
         log.info("CPU threads per process: %d", n)
 
 
-
-
-
-
-def make_trainee(tc: TrainConfig, cfg, modules: dict, acc: Accelerator, dataset: data.ImageDataset,
+def make_trainee(tc: TrainConfig, cfg: ModelConfig, modules: dict, acc: Accelerator, dataset: data.ImageDataset,
                  bucket_of: list[int] | None) -> Trainee:
     """The trainee of tc.mode, over the models of build_model."""
     if tc.mode == "vae":

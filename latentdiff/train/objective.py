@@ -101,8 +101,8 @@ class Trainee:
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(tc.mixed_precision, torch.float32)
         for name, m in parts.items():
             m.requires_grad_(name in trained).train(name in trained)
-            if name in placed:  # frozen parts run in the mixed dtype
-                m.to(self.device, torch.float32 if name in trained else self.weight_dtype)
+            if name in placed:
+                m.to(self.device, torch.float32 if name in trained else self.weight_dtype)  # frozen: mixed dtype
         self.freeze()
         self.params = {f"{k}.{n}": p for k, m in trained.items() for n, p in m.named_parameters() if p.requires_grad}
 
@@ -137,7 +137,7 @@ class Trainee:
 
     def after_step(self, lr_factor: float) -> None:
         """After the optimizer's step on every micro-batch (accelerate's optimizers skip all but the last of an
-        accumulation): what trains beside `params` steps here."""
+        accumulation): what trains beside `params` steps here (the VAE's discriminator)."""
 
     def state_dict(self) -> dict:
         """The checkpoint's entries of the trainee: "model" and any of its own. Every rank calls it (FSDP / ZeRO
