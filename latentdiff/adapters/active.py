@@ -17,16 +17,21 @@ class ActiveAdapters:
         self.stack = LoraStack(unet, text_encoders)  # merged LoRAs, undone exactly
         self.lora_dirs: list[Path] = []  # where <lora:NAME:W> tags look (latentdiff.load sets them)
         self.embeddings: dict[str, Embedding] = {}  # textual inversion: name -> vectors, usable in prompts
-        self._files: dict[Path, tuple[float | None, LoraFile]] = {}  # parsed files by path, with their mtime
+        # parsed files and their A1111 short hash, by path, with the mtime they were read at
+        self._files: dict[Path, tuple[float | None, LoraFile, str]] = {}
 
-    def lora_file(self, path) -> LoraFile:
-        """Parsed once per path (again if the file changed): switching LoRAs between calls re-reads nothing."""
+    def _cached(self, path) -> tuple[float | None, LoraFile, str]:
+        """Read, parse and hash once per path (again if the file changed): switching LoRAs re-reads nothing."""
         path = Path(path)
         mtime = path.stat().st_mtime if path.exists() else None
         hit = self._files.get(path)
         if hit is None or hit[0] != mtime:
-            self._files[path] = (mtime, read_lora(path))
-        return self._files[path][1]
+            f = read_lora(path)
+            self._files[path] = hit = (mtime, f, tags.short_hash(path))
+        return hit
+
+    def lora_file(self, path) -> LoraFile:
+        return self._cached(path)[1]
 
     @contextlib.contextmanager
     def prompt_loras(self, texts: list[str], changed):
@@ -40,9 +45,8 @@ class ActiveAdapters:
         merged, hashes = [], {}
         try:
             for tag in found.values():
-                path = tags.find(tag.name, self.lora_dirs)
-                hashes[tag.name] = tags.short_hash(path)
-                self.stack.add(self.lora_file(path), f"<lora:{tag.name}>", tag.unet, tag.te)
+                _, f, hashes[tag.name] = self._cached(tags.find(tag.name, self.lora_dirs))
+                self.stack.add(f, f"<lora:{tag.name}>", tag.unet, tag.te)
                 merged.append(f"<lora:{tag.name}>")
             if merged:
                 changed()
