@@ -156,7 +156,8 @@ def claim(out: Path, index: int) -> int | None:
         os.ftruncate(fd, 0)
         os.pwrite(fd, me, 0)
         return fd
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh file: nobody else can hold it
+    # a fresh file: only another run probing it (its LOCK_NB above, released at once) can hold the lock an instant
+    fcntl.flock(fd, fcntl.LOCK_EX)
     os.write(fd, me)
     return fd
 
@@ -184,14 +185,30 @@ def append_line(path: Path, record: dict) -> None:
         os.close(fd)
 
 
-def read_manifest(out: Path) -> dict[int, dict]:
+def read_manifest(out: Path, since: list | None = None) -> dict[int, dict]:
     """The last record of every job index. Lines that do not parse (torn by a power loss, or two NFS clients
-    appending at once) are skipped with a warning: their jobs count as not done."""
-    records, bad = {}, 0
+    appending at once) are skipped with a warning: their jobs count as not done. `since` = (records, offset) of
+    an earlier read, updated in place: only the lines appended after it are read (a check per job stays O(new))."""
+    records, offset = since if since is not None else ({}, 0)
     try:
-        lines = (out / MANIFEST).read_bytes().splitlines()
+        with open(out / MANIFEST, "rb") as f:
+            f.seek(offset)
+            data = f.read()
     except FileNotFoundError:
         return records
+    end = data.rfind(b"\n") + 1  # a line still being written is read next time
+    bad = 0
+    for line in data[:end].splitlines():
+        try:
+            rec = json.loads(line)
+            records[int(rec["index"])] = rec
+        except (ValueError, KeyError, TypeError):
+            bad += 1
+    if since is not None:
+        since[1] = offset + end
+    if bad:
+        log.warning("%s: %d unreadable line(s) skipped; their jobs run again", out / MANIFEST, bad)
+    return records
     for line in lines:
         try:
             rec = json.loads(line)
@@ -392,6 +409,7 @@ def generate_many(pipe, jobs, out_dir: str | os.PathLike, base_seed: int = 0, *,
             expected = {i: resolved[i][0]["num_images"] if resolved[i][0] else 1 for i in pending}
             bar = _Progress(out / MANIFEST, offset, expected, disable=not progress)
         t0, images, failures, elsewhere = time.perf_counter(), 0, 0, 0
+        seen = [{}, 0]  # manifest records read so far and where reading stopped
         with state.split_between_processes(pending) as mine:
             for i in mine:
                 fd = claim(out, i)
@@ -399,7 +417,7 @@ def generate_many(pipe, jobs, out_dir: str | os.PathLike, base_seed: int = 0, *,
                     elsewhere += 1
                     continue
                 try:
-                    if done(i, read_manifest(out)):  # finished by another run since the plan was made
+                    if done(i, read_manifest(out, seen)):  # finished by another run since the plan was made
                         continue
                     for tmp in out.glob(f".{i:05d}*.tmp.png"):  # left by a killed run; the job is ours now
                         tmp.unlink(missing_ok=True)
