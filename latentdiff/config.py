@@ -22,13 +22,23 @@ class UNetConfig:
     num_res_blocks: int = 2
     # transformer blocks per level (0 = no attention at that level); SD1/2: (1,1,1,0), SDXL: (0,2,10)
     transformer_depth: tuple[int, ...] = (1, 1, 1, 0)
-    transformer_depth_middle: int = 1
+    # per output block, in output_blocks order (lowest resolution first); () = its level's transformer_depth.
+    # Distilled SDXLs thin the up path unevenly: SSD-1B (4,4,10, 2,1,1, 0,0,0)
+    transformer_depth_output: tuple[int, ...] = ()
+    transformer_depth_middle: int = 1  # 0: the middle block is one ResBlock, no transformer (SSD-1B, Vega)
+    middle_block: bool = True  # False: no middle block at all (BK-SDM small / tiny)
     num_heads: int = 8  # used when head_channels == 0 (SD1: 8 heads everywhere)
     head_channels: int = 0  # SD2 / SDXL: 64 channels per head
     context_dim: int = 768
     use_linear_in_transformer: bool = False  # SD1: 1x1 conv proj_in/out, SD2/SDXL: linear
     adm_in_channels: int = 0  # SDXL: 2816 (pooled 1280 + 6 x 256 Fourier features) into label_emb
     norm_groups: int = 32
+
+    def output_depths(self) -> tuple[int, ...]:
+        """Transformer depth of every output block, in output_blocks order."""
+        if self.transformer_depth_output:
+            return self.transformer_depth_output
+        return tuple(d for d in reversed(self.transformer_depth) for _ in range(self.num_res_blocks + 1))
 
     def heads_at(self, ch: int) -> tuple[int, int]:
         """(heads, dim_head) for a transformer with ``ch`` channels."""
