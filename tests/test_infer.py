@@ -15,7 +15,7 @@ import latentdiff
 from latentdiff import weights
 from latentdiff.config import (CLIP_L, OPENCLIP_BIGG, OPENCLIP_H, PRESETS, SD15, SD21, SDXL, SDXL_CLIP_L, ModelConfig,
                                VAEConfig, with_inpainting)
-from latentdiff.models.unet import sdxl_vector
+from latentdiff.models.unet import sdxl_vector, size_numbers
 from latentdiff.weights import infer, layout
 from latentdiff.weights.diffusers.unet import from_diffusers
 from latentdiff.weights.folder import unet_config_from
@@ -74,7 +74,7 @@ _XL = dict(block_out_channels=[64, 128, 192], layers_per_block=1, use_linear_pro
 _SD1 = dict(block_out_channels=[64, 128, 128], layers_per_block=1, cross_attention_dim=64, attention_head_dim=[1, 2, 2],
             down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
             up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"])
-_TEXT = {
+_TEXT = {  # widths multiples of 64: text-encoder heads are width / 64 by the rule
     "sd1": (replace(CLIP_L, width=64, layers=1, heads=1),),
     "sd2": (replace(OPENCLIP_H, width=128, layers=2, heads=2, projection_dim=128),),
     "sdxl": (replace(SDXL_CLIP_L, width=64, layers=2, heads=1),
@@ -94,6 +94,14 @@ STANDINS = {
     "ssd-1b": ("sdxl", _dcfg(**dict(_XL, layers_per_block=2, transformer_layers_per_block=[1, 2, 3],
                                     reverse_transformer_layers_per_block=[[3, 3, 4], [2, 1, 1], [1, 1, 1]],
                                     mid_block_type="UNetMidBlock2D")), _TEXT["sdxl"]),
+    # the SDXL refiner's: bigG alone, attention at the middle levels only, 5 numbers (aesthetic score) in label_emb
+    "sdxl-refiner": ("sdxl_refiner", _dcfg(
+        block_out_channels=[64, 128, 128, 128], layers_per_block=1, use_linear_projection=True,
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        transformer_layers_per_block=2, attention_head_dim=[1, 2, 2, 2], cross_attention_dim=64,
+        addition_embed_type="text_time", addition_time_embed_dim=16, projection_class_embeddings_input_dim=64 + 80),
+        (replace(OPENCLIP_BIGG, width=64, layers=2, heads=1, projection_dim=64),)),
     # BK-SDM-tiny's: SD 1.x without the innermost level and without a middle block, one ResBlock per level; a
     # 768-wide context with conv projections, so the rule's 8 heads (CLIP-L width, a small vocabulary)
     "bk-sdm-tiny": ("sd1", _dcfg(block_out_channels=[64, 128, 128], layers_per_block=1, cross_attention_dim=768,
@@ -145,6 +153,8 @@ def test_standin_loads_without_config_and_matches_diffusers(tmp_path, name):
     if u.adm_in_channels:
         pooled = torch.randn(2, texts[-1].projection_dim, generator=g)
         time_ids = torch.tensor([[1024.0, 768.0, 0.0, 16.0, 1024.0, 1024.0], [512.0, 512.0, 8.0, 0.0, 640.0, 512.0]])
+        if family == "sdxl_refiner":  # original size, crop, aesthetic score
+            time_ids = torch.tensor([size_numbers(1024, 768, refiner=True), size_numbers(512, 640, True, 2.5)])
         kwargs = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
         y = sdxl_vector(pooled, time_ids, u.adm_in_channels)
     with torch.no_grad():
@@ -365,3 +375,29 @@ def test_new_shapes_convert_to_diffusers_and_back(name):
     assert sorted(set(converted) ^ set(theirs)) == []
     assert [k for k, v in converted.items() if v.shape != theirs[k].shape] == []
     assert unet_config_from(diffusers_config(cfg, pooled)) == cfg  # a folder we write reads back the same
+
+
+def test_sdxl_refiner_preset_shapes():
+    # the released refiner's structure (sgm sd_xl_refiner.yaml): conditioner.embedders.0 is bigG, adm 2560
+    from latentdiff.config import SDXL_REFINER
+
+    shapes = weights.expected_shapes(SDXL_REFINER)
+    assert shapes[UNET + "label_emb.0.0.weight"] == (1536, 2560)
+    assert shapes["conditioner.embedders.0.model.text_projection"] == (1280, 1280)
+    assert not any(k.startswith("conditioner.embedders.1.") for k in shapes)
+    # and its U-Net is the one of diffusers' published refiner unet/config.json, tensor for tensor
+    from diffusers import UNet2DConditionModel
+
+    from latentdiff.weights.diffusers.unet import to_diffusers
+
+    published = _dcfg(block_out_channels=[384, 768, 1536, 1536], layers_per_block=2, use_linear_projection=True,
+                      down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+                      up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                      attention_head_dim=[6, 12, 24, 24], transformer_layers_per_block=4, cross_attention_dim=1280,
+                      addition_embed_type="text_time", addition_time_embed_dim=256,
+                      projection_class_embeddings_input_dim=2560)
+    assert unet_config_from(published) == SDXL_REFINER.unet
+    with torch.device("meta"):
+        theirs = {k: tuple(v.shape) for k, v in UNet2DConditionModel(**published).state_dict().items()}
+    ours = {k[len(UNET):]: torch.empty(v, device="meta") for k, v in shapes.items() if k.startswith(UNET)}
+    assert {k: tuple(v.shape) for k, v in to_diffusers(ours, SDXL_REFINER.unet).items()} == theirs

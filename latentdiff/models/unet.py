@@ -38,17 +38,28 @@ class TimestepBlock(nn.Sequential):
 def sdxl_vector(pooled: torch.Tensor, size_cond: torch.Tensor, adm_in_channels: int) -> torch.Tensor:
     """SDXL's added conditioning y (B, adm_in_channels) for ``label_emb``.
 
-    pooled: (B, P) pooled text embedding (bigG); size_cond: (B, 6) = (orig_h, orig_w, crop_top, crop_left,
-    target_h, target_w). Each number gets a (adm_in_channels - P) / 6 dim [cos, sin] Fourier embedding
-    (sgm ConcatTimestepEmbedderND; diffusers' ``text_time`` addition embedding), concatenated after pooled.
+    pooled: (B, P) pooled text embedding (bigG); size_cond: (B, n) numbers, see ``size_numbers``: SDXL base
+    (B, 6) = (orig_h, orig_w, crop_top, crop_left, target_h, target_w), the refiner (B, 5) = (orig_h, orig_w,
+    crop_top, crop_left, aesthetic_score). Each number gets a (adm_in_channels - P) / n dim [cos, sin] Fourier
+    embedding (sgm ConcatTimestepEmbedderND; diffusers' ``text_time`` addition embedding), concatenated after
+    pooled.
     """
     b, p = pooled.shape
-    if size_cond.shape != (b, 6):
-        raise ValueError(f"size_cond must have shape ({b}, 6), got {tuple(size_cond.shape)}")
-    if (adm_in_channels - p) <= 0 or (adm_in_channels - p) % 6:
-        raise ValueError(f"adm_in_channels - pooled width ({adm_in_channels} - {p}) must be a positive multiple of 6")
-    feats = timestep_embedding(size_cond.flatten(), (adm_in_channels - p) // 6)  # (B*6, D)
+    if size_cond.ndim != 2 or size_cond.shape[0] != b:
+        raise ValueError(f"size_cond must have shape ({b}, n), got {tuple(size_cond.shape)}")
+    n = size_cond.shape[1]
+    if (adm_in_channels - p) <= 0 or (adm_in_channels - p) % n:
+        raise ValueError(f"adm_in_channels - pooled width ({adm_in_channels} - {p}) must be a positive multiple of "
+                         f"{n}")
+    feats = timestep_embedding(size_cond.flatten(), (adm_in_channels - p) // n)  # (B*n, D)
     return torch.cat([pooled, feats.reshape(b, -1).to(pooled.dtype)], dim=-1)  # (B, adm_in_channels)
+
+
+def size_numbers(h: int, w: int, refiner: bool = False, aesthetic_score: float = 6.0) -> list[float]:
+    """The numbers ``sdxl_vector`` embeds for plain generation at (h, w) pixels: original size = target size,
+    crop (0, 0); the refiner has an aesthetic score instead of the target size (diffusers' defaults: 6.0 for the
+    prompt, 2.5 for the negative prompt, `negative_aesthetic_score`)."""
+    return [h, w, 0, 0, aesthetic_score] if refiner else [h, w, 0, 0, h, w]
 
 
 class UNetModel(nn.Module):

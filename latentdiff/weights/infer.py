@@ -1,7 +1,7 @@
 """Model configs from the weights alone: every size a single file's tensors hold, for the U-Net, the VAE and the
 text encoders (used by `layout.detect` once the family is known from the text-encoder keys).
 
-What shapes cannot say comes from the family's preset (SD 1.x: `sd15`, 2.x: `sd21`, XL: `sdxl`): norm groups,
+What shapes cannot say comes from the family's preset (SD 1.x: `sd15`, 2.x: `sd21`, XL: `sdxl`, `sdxl_refiner`): norm groups,
 activations, which hidden state conditions the U-Net, pad ids, the VAE scaling factor, generation defaults. Head
 counts are not in the weights either; the published rule (ComfyUI's `supported_models`, diffusers' SD configs):
 a U-Net with a 768-wide context and 1x1-conv projections (SD 1.x and its distillations, BK-SDM) has 8 heads
@@ -24,11 +24,12 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from ..config import PRESETS, SD15, SD21, SDXL, ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig, with_inpainting
+from ..config import PRESETS, SD15, SD21, SDXL, SDXL_REFINER, ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig, with_inpainting
 from .io import CheckpointError
 
 UNET_PREFIX = "model.diffusion_model."  # = layout.UNET_PREFIX (layout imports this module)
-FAMILY_BASE = {"sd1": SD15, "sd2": SD21, "sdxl": SDXL}
+FAMILY_BASE = {"sd1": SD15, "sd2": SD21, "sdxl": SDXL, "sdxl_refiner": SDXL_REFINER}
+SIZE_NUMBERS = {"sdxl": 6, "sdxl_refiner": 5}  # label_emb's Fourier-embedded numbers (see models/unet.sdxl_vector)
 HEAD_CHANNELS = 64
 
 
@@ -238,9 +239,9 @@ def _custom(s: _Shapes, cfg: ModelConfig) -> ModelConfig:
     context = sum(t.width for t in cfg.text)
     if u.context_dim != context:
         s.fail(f"the U-Net attends to a {u.context_dim}-wide context but the text encoder(s) give {context}")
-    if cfg.family == "sdxl":
-        fourier = u.adm_in_channels - cfg.text[-1].projection_dim
-        if fourier <= 0 or fourier % 6:
+    if cfg.family in SIZE_NUMBERS:
+        n, fourier = SIZE_NUMBERS[cfg.family], u.adm_in_channels - cfg.text[-1].projection_dim
+        if fourier <= 0 or fourier % n:
             s.fail(f"label_emb takes {u.adm_in_channels} inputs: the pooled text ({cfg.text[-1].projection_dim}) "
-                   "plus 6 size numbers of equal Fourier width do not add up to it")
+                   f"plus {n} numbers of equal Fourier width do not add up to it")
     return cfg

@@ -28,6 +28,7 @@ TEXT_PREFIXES = {
     "sd1": ("cond_stage_model.",),
     "sd2": ("cond_stage_model.",),
     "sdxl": ("conditioner.embedders.0.", "conditioner.embedders.1."),
+    "sdxl_refiner": ("conditioner.embedders.0.",),  # OpenCLIP bigG alone
 }
 
 # Keys in released files that are not network weights (see shared/reference/checkpoint-layouts/README.md).
@@ -103,6 +104,9 @@ def _family(shapes) -> str | None:
     if ("conditioner.embedders.1.model.token_embedding.weight" in shapes
             and "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight" in shapes):
         return "sdxl"
+    if ("conditioner.embedders.0.model.token_embedding.weight" in shapes
+            and not any(k.startswith("conditioner.embedders.1.") for k in shapes)):
+        return "sdxl_refiner"
     if "cond_stage_model.model.token_embedding.weight" in shapes:
         return "sd2"
     if "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight" in shapes:
@@ -138,7 +142,7 @@ def _not_a_model(shapes, path) -> str:
                 "(cond_stage_model.transformer.*), SD2 (cond_stage_model.model.*) or SDXL (conditioner.embedders.0/1) "
                 f"keys. {found}. Pass config= (a preset name or a YAML file) if this is a custom model.")
     return (f"{path}: unknown checkpoint layout: no SD1 (cond_stage_model.transformer.*), SD2 "
-            f"(cond_stage_model.model.*) or SDXL (conditioner.embedders.*) text encoder keys. {found}. "
+            f"(cond_stage_model.model.*), SDXL or SDXL refiner (conditioner.embedders.*) text encoder keys. {found}. "
             "Pass config= (a preset name or a YAML file) if this is a custom model.")
 
 
@@ -182,7 +186,8 @@ def _prediction_from_metadata(metadata: dict) -> tuple[str, str] | None:
 
 def _check_family(cfg: ModelConfig, metadata: dict, path) -> None:
     arch = metadata.get("modelspec.architecture", "").split("/")[0]
-    said = ("sdxl" if arch.startswith("stable-diffusion-xl") else "sd2" if arch.startswith("stable-diffusion-v2")
+    said = ("sdxl_refiner" if arch.startswith("stable-diffusion-xl-v1-refiner") else
+            "sdxl" if arch.startswith("stable-diffusion-xl") else "sd2" if arch.startswith("stable-diffusion-v2")
             else "sd1" if arch.startswith("stable-diffusion-v1") else None)
     if metadata.get("ss_v2", "").lower() == "true":
         said = said or "sd2"
