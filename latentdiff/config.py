@@ -22,13 +22,23 @@ class UNetConfig:
     num_res_blocks: int = 2
     # transformer blocks per level (0 = no attention at that level); SD1/2: (1,1,1,0), SDXL: (0,2,10)
     transformer_depth: tuple[int, ...] = (1, 1, 1, 0)
-    transformer_depth_middle: int = 1
+    # per output block, in output_blocks order (lowest resolution first); () = its level's transformer_depth.
+    # Distilled SDXLs thin the up path unevenly: SSD-1B (4,4,10, 2,1,1, 0,0,0)
+    transformer_depth_output: tuple[int, ...] = ()
+    transformer_depth_middle: int = 1  # 0: the middle block is one ResBlock, no transformer (SSD-1B, Vega)
+    middle_block: bool = True  # False: no middle block at all (BK-SDM small / tiny)
     num_heads: int = 8  # used when head_channels == 0 (SD1: 8 heads everywhere)
     head_channels: int = 0  # SD2 / SDXL: 64 channels per head
     context_dim: int = 768
     use_linear_in_transformer: bool = False  # SD1: 1x1 conv proj_in/out, SD2/SDXL: linear
     adm_in_channels: int = 0  # SDXL: 2816 (pooled 1280 + 6 x 256 Fourier features) into label_emb
     norm_groups: int = 32
+
+    def output_depths(self) -> tuple[int, ...]:
+        """Transformer depth of every output block, in output_blocks order."""
+        if self.transformer_depth_output:
+            return self.transformer_depth_output
+        return tuple(d for d in reversed(self.transformer_depth) for _ in range(self.num_res_blocks + 1))
 
     def heads_at(self, ch: int) -> tuple[int, int]:
         """(heads, dim_head) for a transformer with ``ch`` channels."""
@@ -74,7 +84,7 @@ class TextEncoderConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "sd15"
-    family: str = "sd1"  # sd1 | sd2 | sdxl: decides single-file key prefixes
+    family: str = "sd1"  # sd1 | sd2 | sdxl | sdxl_refiner: decides single-file key prefixes
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     text: tuple[TextEncoderConfig, ...] = (TextEncoderConfig(),)
@@ -144,6 +154,16 @@ SDXL = ModelConfig(
     text=(SDXL_CLIP_L, OPENCLIP_BIGG),
     size=1024, timestep_spacing="leading",
 )
+# The SDXL refiner (sgm sd_xl_refiner.yaml): bigG alone (penultimate, no final norm, pooled projection), a wider
+# U-Net with attention at levels 1-2 only, and 5 numbers in label_emb: original size, crop, aesthetic score
+# (adm 2560 = pooled 1280 + 5 x 256)
+SDXL_REFINER = replace(
+    SDXL, name="sdxl_refiner", family="sdxl_refiner",
+    unet=UNetConfig(model_channels=384, channel_mult=(1, 2, 4, 4), transformer_depth=(0, 4, 4, 0),
+                    transformer_depth_middle=4, head_channels=64, context_dim=1280, use_linear_in_transformer=True,
+                    adm_in_channels=2560),
+    text=(OPENCLIP_BIGG,),
+)
 
 # Tiny twins: same topology and key names, small widths; a forward pass takes milliseconds on CPU.
 _TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
@@ -175,7 +195,7 @@ TINY_SDXL = replace(
 )
 
 PRESETS: dict[str, ModelConfig] = {
-    c.name: c for c in (SD15, SD21, SD21_V, SDXL, TINY_SD15, TINY_SD21, TINY_SD21_V, TINY_SDXL)
+    c.name: c for c in (SD15, SD21, SD21_V, SDXL, SDXL_REFINER, TINY_SD15, TINY_SD21, TINY_SD21_V, TINY_SDXL)
 }
 
 

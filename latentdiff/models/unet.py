@@ -7,8 +7,9 @@ with ``load_state_dict(strict=True)`` after a prefix strip. Topology (ldm ``open
     per level l, num_res_blocks times:  ResBlock [+ SpatialTransformer if transformer_depth[l] > 0]
                  then (except at the last level) one Downsample            h, w halve
     middle_block          ResBlock, SpatialTransformer(transformer_depth_middle), ResBlock
-    per level (reversed), num_res_blocks + 1 times: ResBlock on cat(h, skip) [+ SpatialTransformer]
-                 the last of each level (except level 0) ends with an Upsample
+                          (depth 0: one ResBlock; cfg.middle_block False: no middle block)
+    per level (reversed), num_res_blocks + 1 times: ResBlock on cat(h, skip) [+ SpatialTransformer of the
+                 block's depth, cfg.output_depths()]; the last of each level (except level 0) ends with an Upsample
     out                   GroupNorm, SiLU, conv_out                        (B, out_channels, h, w)
 """
 from __future__ import annotations
@@ -37,17 +38,28 @@ class TimestepBlock(nn.Sequential):
 def sdxl_vector(pooled: torch.Tensor, size_cond: torch.Tensor, adm_in_channels: int) -> torch.Tensor:
     """SDXL's added conditioning y (B, adm_in_channels) for ``label_emb``.
 
-    pooled: (B, P) pooled text embedding (bigG); size_cond: (B, 6) = (orig_h, orig_w, crop_top, crop_left,
-    target_h, target_w). Each number gets a (adm_in_channels - P) / 6 dim [cos, sin] Fourier embedding
-    (sgm ConcatTimestepEmbedderND; diffusers' ``text_time`` addition embedding), concatenated after pooled.
+    pooled: (B, P) pooled text embedding (bigG); size_cond: (B, n) numbers, see ``size_numbers``: SDXL base
+    (B, 6) = (orig_h, orig_w, crop_top, crop_left, target_h, target_w), the refiner (B, 5) = (orig_h, orig_w,
+    crop_top, crop_left, aesthetic_score). Each number gets a (adm_in_channels - P) / n dim [cos, sin] Fourier
+    embedding (sgm ConcatTimestepEmbedderND; diffusers' ``text_time`` addition embedding), concatenated after
+    pooled.
     """
     b, p = pooled.shape
-    if size_cond.shape != (b, 6):
-        raise ValueError(f"size_cond must have shape ({b}, 6), got {tuple(size_cond.shape)}")
-    if (adm_in_channels - p) <= 0 or (adm_in_channels - p) % 6:
-        raise ValueError(f"adm_in_channels - pooled width ({adm_in_channels} - {p}) must be a positive multiple of 6")
-    feats = timestep_embedding(size_cond.flatten(), (adm_in_channels - p) // 6)  # (B*6, D)
+    if size_cond.ndim != 2 or size_cond.shape[0] != b:
+        raise ValueError(f"size_cond must have shape ({b}, n), got {tuple(size_cond.shape)}")
+    n = size_cond.shape[1]
+    if (adm_in_channels - p) <= 0 or (adm_in_channels - p) % n:
+        raise ValueError(f"adm_in_channels - pooled width ({adm_in_channels} - {p}) must be a positive multiple of "
+                         f"{n}")
+    feats = timestep_embedding(size_cond.flatten(), (adm_in_channels - p) // n)  # (B*n, D)
     return torch.cat([pooled, feats.reshape(b, -1).to(pooled.dtype)], dim=-1)  # (B, adm_in_channels)
+
+
+def size_numbers(h: int, w: int, refiner: bool = False, aesthetic_score: float = 6.0) -> list[float]:
+    """The numbers ``sdxl_vector`` embeds for plain generation at (h, w) pixels: original size = target size,
+    crop (0, 0); the refiner has an aesthetic score instead of the target size (diffusers' defaults: 6.0 for the
+    prompt, 2.5 for the negative prompt, `negative_aesthetic_score`)."""
+    return [h, w, 0, 0, aesthetic_score] if refiner else [h, w, 0, 0, h, w]
 
 
 class UNetModel(nn.Module):
@@ -56,6 +68,10 @@ class UNetModel(nn.Module):
         if len(cfg.transformer_depth) != len(cfg.channel_mult):
             raise ValueError(f"transformer_depth {cfg.transformer_depth} needs one entry per level of "
                              f"channel_mult {cfg.channel_mult}")
+        out_depths = cfg.output_depths()
+        if len(out_depths) != len(cfg.channel_mult) * (cfg.num_res_blocks + 1):
+            raise ValueError(f"transformer_depth_output {cfg.transformer_depth_output} needs one entry per output "
+                             f"block: {len(cfg.channel_mult)} levels x {cfg.num_res_blocks + 1}")
         self.cfg = cfg
         mc, g = cfg.model_channels, cfg.norm_groups
         emb_dim = mc * 4
@@ -85,14 +101,18 @@ class UNetModel(nn.Module):
                 self.input_blocks.append(TimestepBlock(Downsample(ch)))
                 skip_chans.append(ch)
 
-        self.middle_block = TimestepBlock(
-            ResBlock(ch, emb_dim, ch, g), attention(ch, cfg.transformer_depth_middle), ResBlock(ch, emb_dim, ch, g)
-        )
+        if cfg.middle_block:
+            # depth 0: one ResBlock (ComfyUI's transformer_depth_middle -1, diffusers' UNetMidBlock2D with no layers)
+            d = cfg.transformer_depth_middle
+            mid = [attention(ch, d), ResBlock(ch, emb_dim, ch, g)] if d else []
+            self.middle_block = TimestepBlock(ResBlock(ch, emb_dim, ch, g), *mid)
 
         self.output_blocks = nn.ModuleList()
+        depths = iter(out_depths)
         for level in reversed(range(len(cfg.channel_mult))):
-            mult, depth = cfg.channel_mult[level], cfg.transformer_depth[level]
+            mult = cfg.channel_mult[level]
             for i in range(cfg.num_res_blocks + 1):
+                depth = next(depths)
                 layers = [ResBlock(ch + skip_chans.pop(), emb_dim, mc * mult, g)]
                 ch = mc * mult
                 if depth:
@@ -126,7 +146,8 @@ class UNetModel(nn.Module):
         for block in self.input_blocks:
             h = block(h, emb, context)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
+        if self.cfg.middle_block:
+            h = self.middle_block(h, emb, context)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
         return self.out(h)

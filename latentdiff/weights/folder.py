@@ -46,9 +46,23 @@ def _pooled_dim(cfg: ModelConfig) -> int:
 def unet_config_from(d: dict) -> UNetConfig:
     boc = d["block_out_channels"]
     levels = len(boc)
+    r = d.get("layers_per_block", 2)
+    if not isinstance(r, int):  # a per-level list: ours is one count for every level
+        if len(set(r)) != 1:
+            raise CheckpointError(f"unet/config.json: layers_per_block {r} differs between levels (not supported)")
+        r = r[0]
     tl = d.get("transformer_layers_per_block", 1)
-    tl = [tl] * levels if isinstance(tl, int) else list(tl)
+    tl = [tl] * levels if isinstance(tl, int) else [_one_depth(t, "transformer_layers_per_block") for t in tl]
     depth = tuple(tl[i] if "CrossAttn" in t else 0 for i, t in enumerate(d["down_block_types"]))
+    # up blocks, lowest resolution first: per block from reverse_transformer_layers_per_block, else mirrored
+    rev = d.get("reverse_transformer_layers_per_block")
+    up = []
+    for k, t in enumerate(d["up_block_types"]):
+        per = rev[k] if rev is not None else tl[levels - 1 - k]
+        per = [per] * (r + 1) if isinstance(per, int) else list(per)
+        up += per if "CrossAttn" in t else [0] * (r + 1)
+    mid_type = d.get("mid_block_type", "UNetMidBlock2DCrossAttn")
+    mid = tl[-1] if mid_type == "UNetMidBlock2DCrossAttn" else 0
     heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)  # diffusers' naming, see unet_fmt
     heads = [heads] * levels if isinstance(heads, int) else list(heads)
     per_head = {boc[i] // heads[i] for i in range(levels) if depth[i]}
@@ -61,12 +75,22 @@ def unet_config_from(d: dict) -> UNetConfig:
                               "fixed head width")
     return UNetConfig(
         in_channels=d.get("in_channels", 4), out_channels=d.get("out_channels", 4), model_channels=boc[0],
-        channel_mult=tuple(c // boc[0] for c in boc), num_res_blocks=d.get("layers_per_block", 2),
-        transformer_depth=depth, transformer_depth_middle=tl[-1], context_dim=d["cross_attention_dim"],
+        channel_mult=tuple(c // boc[0] for c in boc), num_res_blocks=r, transformer_depth=depth,
+        transformer_depth_output=() if up == [x for x in reversed(depth) for _ in range(r + 1)] else tuple(up),
+        transformer_depth_middle=mid, middle_block=mid_type is not None, context_dim=d["cross_attention_dim"],
         use_linear_in_transformer=bool(d.get("use_linear_projection", False)),
         adm_in_channels=d.get("projection_class_embeddings_input_dim") or 0
         if d.get("addition_embed_type") == "text_time" else 0,
         norm_groups=d.get("norm_num_groups", 32), **head_kw)
+
+
+def _one_depth(t, name: str) -> int:
+    """A level's transformer depth; diffusers also allows a list per block, which ours holds only when equal."""
+    if isinstance(t, int):
+        return t
+    if len(set(t)) != 1:
+        raise CheckpointError(f"unet/config.json: {name} {t} differs within a down level (not supported)")
+    return t[0]
 
 
 def vae_config_from(d: dict) -> VAEConfig:

@@ -14,7 +14,7 @@ import torch
 
 from ..config import ModelConfig
 from .io import CheckpointError, SafetensorsFile, read_ckpt, read_in_background, write_safetensors
-from .layout import (CONFIG_KEY, VAE_PREFIX, build_modules, check_keys, detect, expected_shapes, is_ignored, parts,
+from .layout import (CONFIG_KEY, VAE_PREFIX, build_modules, check_keys, detect, expected_shapes, file_names, parts,
                      resolve_prediction_type, state_dict_of)
 
 log = logging.getLogger("latentdiff")
@@ -30,24 +30,43 @@ def load_parts(cfg: ModelConfig, modules: dict, tensors: dict[str, torch.Tensor]
         mod.load_state_dict({k: tensors.pop(prefix + k) for k in mod.state_dict()}, strict=True, assign=True)
 
 
-def read_single_file(path, config=None, prediction_type=None, dtype=None, device="cpu", vae_given: bool = False):
+# float8 weights (some SDXL fine-tunes ship the U-Net so) are storage only: no kernel computes in them
+FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def read_single_file(path, config=None, prediction_type=None, dtype=None, device="cpu", vae_given: bool = False,
+                     ema: bool = False):
     """Open a `.safetensors` / `.ckpt` single file -> (resolved ModelConfig, modules dict). A file without VAE
     weights is an error unless `vae_given` (a standalone VAE file comes next); its VAE then stays on the meta
-    device for Pipeline.load_vae."""
+    device for Pipeline.load_vae. `ema`: read the U-Net from the EMA copy a training checkpoint holds
+    (`model_ema.*`) instead of its weights. Tensors are cast to `dtype`; with None each keeps its stored dtype,
+    except float8, which becomes float32."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
-        sd = read_ckpt(path)
-        shapes, metadata = {k: tuple(v.shape) for k, v in sd.items()}, {}
+        sd = read_ckpt(path)  # a training checkpoint's "state_dict" level is unwrapped there
+        raw, metadata = {k: tuple(v.shape) for k, v in sd.items()}, {}
 
-        def get(key, dtype=None):
+        def read(key, dtype=None):
             t = sd[key]
             return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+        def stored(key):
+            return sd[key].dtype
     else:
         f = SafetensorsFile(path)
-        shapes, metadata = f.shapes(), f.metadata
-        get = f.get
+        raw, metadata, read = f.shapes(), f.metadata, f.get
+
+        def stored(key):
+            return f.entries[key][0]
+    names = file_names(raw, ema, path)  # our key -> the file's key
+    shapes = {k: raw[src] for k, src in names.items()}
+
+    def get(key, dtype=None):
+        src = names[key]
+        return read(src, dtype if dtype is not None or stored(src) not in FLOAT8 else torch.float32)
+
     config_from = None
     if config is not None:
         cfg, config_from = config, "the config argument"
@@ -59,22 +78,22 @@ def read_single_file(path, config=None, prediction_type=None, dtype=None, device
         config_from = "the config stored in the file"
     else:
         cfg = detect(shapes, path)
-        log.info("detected %s from the key layout of %s", cfg.name, path)
     no_vae = not any(k.startswith(VAE_PREFIX) for k in shapes)
     if no_vae and not vae_given:
         raise CheckpointError(f"{path}: holds no VAE weights (no {VAE_PREFIX}* keys among its {len(shapes)} "
                               "tensors): pass a standalone VAE file, latentdiff.load(path, vae='vae.safetensors')")
     # each tensor goes to the device as it is read: a GPU load never holds the whole model on the host
-    jobs = {k: (lambda k=k: get(k, dtype).to(device)) for k in shapes if not is_ignored(k)}
+    jobs = {k: (lambda k=k: get(k, dtype).to(device)) for k in shapes}
     with read_in_background(jobs) as tensors:
         modules = build_modules(cfg)
         expected = expected_shapes(cfg, modules)
         if no_vae:
             expected = {k: v for k, v in expected.items() if not k.startswith(VAE_PREFIX)}
         check_keys(path, expected, shapes)
-        cfg = resolve_prediction_type(cfg, prediction_type, config_from, metadata, get)
-        read = tensors()
-    load_parts(cfg, modules, read, skip=(VAE_PREFIX,) if no_vae else ())
+        cfg = resolve_prediction_type(cfg, prediction_type, config_from, metadata, get, raw, path)
+        read_tensors = tensors()
+    log.info("%s: resolved config %s", path, cfg.to_json())
+    load_parts(cfg, modules, read_tensors, skip=(VAE_PREFIX,) if no_vae else ())
     return cfg, modules
 
 

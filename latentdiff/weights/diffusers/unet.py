@@ -43,12 +43,15 @@ def _block_prefixes(cfg: UNetConfig) -> list[tuple[str, str, str]]:
         ("time_embed.0.", "time_embedding.linear_1.", "param"),
         ("time_embed.2.", "time_embedding.linear_2.", "param"),
         ("input_blocks.0.0.", "conv_in.", "param"),
-        ("middle_block.0.", "mid_block.resnets.0.", "resnet"),
-        ("middle_block.1.", "mid_block.attentions.0.", "attention"),
-        ("middle_block.2.", "mid_block.resnets.1.", "resnet"),
         ("out.0.", "conv_norm_out.", "param"),
         ("out.2.", "conv_out.", "param"),
     ]
+    if cfg.middle_block and cfg.transformer_depth_middle:
+        out += [("middle_block.0.", "mid_block.resnets.0.", "resnet"),
+                ("middle_block.1.", "mid_block.attentions.0.", "attention"),
+                ("middle_block.2.", "mid_block.resnets.1.", "resnet")]
+    elif cfg.middle_block:  # one ResBlock: diffusers' UNetMidBlock2D as UNet2DConditionModel builds it
+        out.append(("middle_block.0.", "mid_block.resnets.0.", "resnet"))
     if cfg.adm_in_channels:
         out += [("label_emb.0.0.", "add_embedding.linear_1.", "param"),
                 ("label_emb.0.2.", "add_embedding.linear_2.", "param")]
@@ -60,16 +63,17 @@ def _block_prefixes(cfg: UNetConfig) -> list[tuple[str, str, str]]:
                 out.append((f"input_blocks.{n}.1.", f"down_blocks.{i}.attentions.{j}.", "attention"))
         if i != levels - 1:
             out.append((f"input_blocks.{(i + 1) * (r + 1)}.0.op.", f"down_blocks.{i}.downsamplers.0.conv.", "param"))
+    out_depths = cfg.output_depths()
     for k in range(levels):
-        depth = cfg.transformer_depth[levels - 1 - k]
         for j in range(r + 1):
             n = k * (r + 1) + j
             out.append((f"output_blocks.{n}.0.", f"up_blocks.{k}.resnets.{j}.", "resnet"))
-            if depth:
+            if out_depths[n]:
                 out.append((f"output_blocks.{n}.1.", f"up_blocks.{k}.attentions.{j}.", "attention"))
         if k != levels - 1:
             n = k * (r + 1) + r
-            out.append((f"output_blocks.{n}.{2 if depth else 1}.conv.", f"up_blocks.{k}.upsamplers.0.conv.", "param"))
+            out.append((f"output_blocks.{n}.{2 if out_depths[n] else 1}.conv.", f"up_blocks.{k}.upsamplers.0.conv.",
+                        "param"))
     return out
 
 
@@ -113,16 +117,23 @@ def diffusers_config(cfg: UNetConfig, pooled_dim: int = 0) -> dict:
     is set, because diffusers stores the Fourier width (adm_in_channels - pooled_dim) / 6 separately.
     """
     depth, mid = cfg.transformer_depth, cfg.transformer_depth_middle
+    cross_mid = cfg.middle_block and mid > 0
     # diffusers' mid block takes the depth of the last level: it must agree with ours or be unused there
-    if depth[-1] and depth[-1] != mid:
+    if cross_mid and depth[-1] and depth[-1] != mid:
         raise ValueError(f"diffusers cannot express transformer_depth[-1]={depth[-1]} != "
                          f"transformer_depth_middle={mid}")
-    layers = [d or 1 for d in depth[:-1]] + [depth[-1] or mid]  # entries of levels without attention are unused
+    # entries of levels without attention are unused
+    layers = [d or 1 for d in depth[:-1]] + [depth[-1] or (mid if cross_mid else 1)]
+    r = cfg.num_res_blocks
+    up = [cfg.output_depths()[k * (r + 1):(k + 1) * (r + 1)] for k in range(len(depth))]  # per up block
+    if any(0 in u and any(u) for u in up):  # diffusers would build an empty transformer at the zero
+        raise ValueError(f"diffusers cannot express an up level with and without attention: {cfg.output_depths()}")
     kwargs = dict(
         in_channels=cfg.in_channels,
         out_channels=cfg.out_channels,
         down_block_types=["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in depth],
-        up_block_types=["CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(depth)],
+        up_block_types=["CrossAttnUpBlock2D" if u[0] else "UpBlock2D" for u in up],
+        mid_block_type="UNetMidBlock2DCrossAttn" if cross_mid else "UNetMidBlock2D" if cfg.middle_block else None,
         block_out_channels=[cfg.model_channels * m for m in cfg.channel_mult],
         layers_per_block=cfg.num_res_blocks,
         # diffusers' "attention_head_dim" is the number of heads per level (diffusers issue #2011)
@@ -136,6 +147,8 @@ def diffusers_config(cfg: UNetConfig, pooled_dim: int = 0) -> dict:
         freq_shift=0,
         act_fn="silu",
     )
+    if cfg.transformer_depth_output:
+        kwargs["reverse_transformer_layers_per_block"] = [[d or 1 for d in u] for u in up]
     if cfg.adm_in_channels:
         fourier = cfg.adm_in_channels - pooled_dim
         if pooled_dim <= 0 or fourier <= 0 or fourier % 6:
