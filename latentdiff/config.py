@@ -193,9 +193,15 @@ TINY_SDXL = replace(
           replace(OPENCLIP_BIGG, width=64, layers=3, heads=4, projection_dim=64)),
     size=64, steps=10,
 )
+TINY_SDXL_REFINER = replace(
+    TINY_SDXL, name="tiny-sdxl-refiner", family="sdxl_refiner",
+    unet=replace(TINY_SDXL.unet, context_dim=64, adm_in_channels=64 + 5 * 32),
+    text=TINY_SDXL.text[1:],
+)
 
 PRESETS: dict[str, ModelConfig] = {
-    c.name: c for c in (SD15, SD21, SD21_V, SDXL, SDXL_REFINER, TINY_SD15, TINY_SD21, TINY_SD21_V, TINY_SDXL)
+    c.name: c for c in (SD15, SD21, SD21_V, SDXL, SDXL_REFINER, TINY_SD15, TINY_SD21, TINY_SD21_V, TINY_SDXL,
+                        TINY_SDXL_REFINER)
 }
 
 

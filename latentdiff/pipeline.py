@@ -24,7 +24,7 @@ from .adapters.embeddings import check, load_dir, read_embedding
 from .config import ModelConfig
 from .images import format_parameters, resize, to_pil, to_tensor
 from .models.text import Tokenizer
-from .models.unet import sdxl_vector
+from .models.unet import sdxl_vector, size_numbers
 from .prompt import encode_prompts
 from .sampling import samplers, schedules
 from .sampling.denoiser import Denoiser
@@ -89,12 +89,15 @@ class Pipeline:
         self._prompt_cache[key] = Conditioning(c, cp, u, up)
         return self._prompt_cache[key]
 
-    def _unet_cond(self, context: torch.Tensor, pooled: torch.Tensor | None, n: int, h: int, w: int) -> dict:
+    def _unet_cond(self, context: torch.Tensor, pooled: torch.Tensor | None, n: int, h: int, w: int,
+                   aesthetic_score: float) -> dict:
         """Conditioning dict for the denoiser, each prompt repeated n times: prompts p0 p0 p1 p1 (diffusers' order)."""
         out = {"context": context.repeat_interleave(n, 0).to(self.device, self.dtype)}
         if self.cfg.unet.adm_in_channels:
-            # SDXL size conditioning for plain text-to-image: original = target = (H, W), crop (0, 0)
-            size = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32).expand(pooled.shape[0], 6)
+            # SDXL size conditioning as diffusers': original = target = (H, W), crop (0, 0); the refiner has
+            # the aesthetic score in place of the target size
+            nums = size_numbers(h, w, self.cfg.family == "sdxl_refiner", aesthetic_score)
+            size = torch.tensor([nums], dtype=torch.float32).expand(pooled.shape[0], len(nums))
             y = sdxl_vector(pooled.float(), size, self.cfg.unet.adm_in_channels)
             out["y"] = y.repeat_interleave(n, 0).to(self.device, self.dtype)
         return out
@@ -118,14 +121,20 @@ class Pipeline:
         see `last_seed`), sampler, schedule ("normal" | "karras" | "exponential"), timestep_spacing, height, width,
         num_images (per prompt), output ("pil" | "latent"), guidance_rescale, clip_skip, callback, progress.
         Returns a list of PIL images, or the final latents (B, 4, H/f, W/f), not divided by the VAE scaling
-        factor, with output="latent". callback(step, sigma, latents) runs after every step."""
+        factor, with output="latent". callback(step, sigma, latents) runs after every step.
+        Refiner handoff (diffusers' SDXL semantics): `denoising_end=0.8` with output="latent" stops at the step
+        where 80% of the noise schedule is done and returns the still-noisy latents; pass them to the refiner's
+        `img2img(prompt, latents, denoising_start=0.8)` (same steps and sampler), which runs the rest without
+        adding noise. SDXL refiner models take `aesthetic_score` (6.0) and `negative_aesthetic_score` (2.5)."""
         return self._generate(prompt, **kw)
 
     def img2img(self, prompt: str | list[str], image, strength: float = 0.75, **kw):
         """Image to image with diffusers' strength semantics: the image is encoded (posterior sample from the
         seed's generator), noised to the first of the last int(steps * strength) steps, and sampled from there.
         `image`: PIL image or tensor (3, H, W) / (B, 3, H, W) in [-1, 1]; its size is the output size unless
-        height / width are given. Other keywords as in __call__."""
+        height / width are given. A (B, 4, h, w) tensor is taken as latents (scaled, as output="latent" gives
+        them): clean ones with strength, or a base model's denoising_end output with `denoising_start`. Other
+        keywords as in __call__."""
         return self._generate(prompt, image=image, strength=strength, **kw)
 
     def inpaint(self, prompt: str | list[str], image, mask, strength: float = 1.0, **kw):
@@ -149,13 +158,23 @@ class Pipeline:
     def _images(self, prompt, *, written, image=None, mask=None, strength=1.0, guidance_scale=None, steps=None,
                 negative_prompt=None, seed=0, sampler=None, schedule="normal", timestep_spacing=None, height=None,
                 width=None, num_images=1, output="pil", guidance_rescale=0.0, clip_skip=None, callback=None,
-                progress=True):
+                progress=True, denoising_start=None, denoising_end=None, aesthetic_score=6.0,
+                negative_aesthetic_score=2.5):
         guidance_scale = self.cfg.guidance_scale if guidance_scale is None else guidance_scale
         steps = self.cfg.steps if steps is None else steps
         sampler = sampler or self.cfg.sampler
-        if image is not None:
+        f = self.cfg.vae.downsample
+        latents_in = _latents_given(image, self.cfg.vae.z_channels)  # (1 or B, 4, h, w) or None
+        if latents_in is not None:
+            height, width = latents_in.shape[-2] * f, latents_in.shape[-1] * f
+            if mask is not None:
+                raise ValueError("inpaint needs the image as pixels, not latents")
+            image = None
+        elif image is not None:
             image = to_tensor(image, "image")  # (1 or B, 3, H, W) in [-1, 1]
             height, width = height or image.shape[-2], width or image.shape[-1]
+        if denoising_start is not None and latents_in is None:
+            raise ValueError("denoising_start continues a denoising_end run: pass its latents as the image")
         height, width = height or self.cfg.size, width or self.cfg.size
         self._check_args(steps=steps, sampler=sampler, height=height, width=width, num_images=num_images,
                          output=output, guidance_scale=guidance_scale, timestep_spacing=timestep_spacing,
@@ -164,14 +183,16 @@ class Pipeline:
         timestep_spacing = timestep_spacing or self.cfg.timestep_spacing
         cond = self.encode_prompt(prompt, negative_prompt, clip_skip)
         B = cond.context.shape[0] * num_images
-        f = self.cfg.vae.downsample
         shape = (B, self.cfg.unet.out_channels, height // f, width // f)
         generator = torch.Generator("cpu").manual_seed(seed)
         sched = samplers.get_sigmas(sampler, steps, schedule, timestep_spacing, alphas_cumprod=self.alphas_cumprod)
-        start = schedules.strength_start(steps, strength)
-        if start >= steps:
-            raise ValueError(f"strength={strength} with steps={steps} leaves no step to run; raise either")
-        sched = sched[start:]
+        start = (schedules.strength_start(steps, strength) if denoising_start is None else
+                 schedules.handoff_index(sched, denoising_start))
+        end = steps if denoising_end is None else schedules.handoff_index(sched, denoising_end)
+        if start >= end:
+            raise ValueError(f"strength={strength}, denoising_start={denoising_start}, denoising_end={denoising_end} "
+                             f"with steps={steps} leave no step to run")
+        sched = sched.first(end)[start:]
         x0 = c_concat = blend = None
         inpaint9 = self.cfg.unet.in_channels == self.cfg.unet.out_channels + 5
         if inpaint9 and mask is None:
@@ -187,9 +208,14 @@ class Pipeline:
         if image is not None:
             image = resize(image, height, width).expand(B, -1, -1, -1)
         # generator draws, in diffusers' order: [image posterior], noise, [masked-image posterior]
-        if image is not None and (mask is None or start > 0 or not inpaint9):
+        if latents_in is not None:
+            if latents_in.shape[0] not in (1, B) or latents_in.shape[1:] != shape[1:]:
+                raise ValueError(f"image latents {tuple(latents_in.shape)} do not fit {B} images of {shape[1:]}")
+            x0 = latents_in.expand(shape).to(self.device)
+        elif image is not None and (mask is None or start > 0 or not inpaint9):
             x0 = self._encode_image(image, generator)
-        noise = torch.randn(shape, generator=generator).to(self.device)
+        # a handoff's latents are already noisy: nothing is drawn (diffusers' add_noise=False)
+        noise = None if denoising_start is not None else torch.randn(shape, generator=generator).to(self.device)
         if mask is not None and inpaint9:
             masked = self._encode_image(image * (m < 0.5), generator)
             c_concat = torch.cat([m_lat.to(self.device), masked], 1)  # (B, 5, h, w)
@@ -197,7 +223,8 @@ class Pipeline:
             blend = (m_lat.to(self.device), x0, noise)
         x0_start = None if mask is not None and start == 0 else x0  # inpaint at strength 1: pure noise, as diffusers
         latents = self._sample(sampler, noise, sched, cond, num_images, height, width, guidance_scale,
-                               guidance_rescale, generator, callback, progress, c_concat, x0_start, blend)
+                               guidance_rescale, generator, callback, progress, c_concat, x0_start, blend,
+                               (aesthetic_score, negative_aesthetic_score))
         self.last_seed = seed
         if output == "latent":
             return latents
@@ -217,12 +244,12 @@ class Pipeline:
             return post.sample(generator).float() * self.cfg.vae.scaling_factor
 
     def _sample(self, sampler, x, sched, cond: Conditioning, n, h, w, guidance_scale, guidance_rescale, generator,
-                callback, progress, c_concat=None, x0=None, blend=None):
+                callback, progress, c_concat=None, x0=None, blend=None, scores=(6.0, 2.5)):
         model = Denoiser(self._unet_fn, self.alphas_cumprod, self.cfg.prediction_type)
-        extra = {"cond": self._unet_cond(cond.context, cond.pooled, n, h, w), "guidance_scale": guidance_scale,
-                 "guidance_rescale": guidance_rescale, "schedule": sched}
+        extra = {"cond": self._unet_cond(cond.context, cond.pooled, n, h, w, scores[0]),
+                 "guidance_scale": guidance_scale, "guidance_rescale": guidance_rescale, "schedule": sched}
         if guidance_scale > 1:
-            extra["uncond"] = self._unet_cond(cond.uncond_context, cond.uncond_pooled, n, h, w)
+            extra["uncond"] = self._unet_cond(cond.uncond_context, cond.uncond_pooled, n, h, w, scores[1])
         if c_concat is not None:
             extra["c_concat"] = c_concat
         if blend is not None:
@@ -428,6 +455,13 @@ class Pipeline:
             save_folder(path, self.cfg, modules, dtype)
         else:
             raise ValueError(f"format must be 'single_file' or 'diffusers', got {format!r}")
+
+
+def _latents_given(image, z_channels: int) -> torch.Tensor | None:
+    """image as latents: a (B, z, h, w) tensor with the VAE's latent channel count (not 3), else None."""
+    if isinstance(image, torch.Tensor) and image.ndim == 4 and image.shape[1] == z_channels != 3:
+        return image.float()
+    return None
 
 
 class _KeepKnown:

@@ -416,12 +416,13 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, schedule: Schedule) -> torc
 
 
 @torch.no_grad()
-def sample(name: str, model, noise: torch.Tensor, schedule: Schedule, extra_args: dict | None = None,
+def sample(name: str, model, noise: torch.Tensor | None, schedule: Schedule, extra_args: dict | None = None,
            callback=None, generator=None, disable=None, x0: torch.Tensor | None = None) -> torch.Tensor:
     """Run sampler ``name`` from ``noise`` (B, C, h, w) over ``schedule``; returns the final (VP) latents.
 
     txt2img: x = noise * schedule.init_noise_sigma. img2img: pass the clean latents x0 and the cut schedule
-    ``schedule[strength_start(steps, strength):]``; x = add_noise(x0, noise, schedule). A Denoiser model is
+    ``schedule[strength_start(steps, strength):]``; x = add_noise(x0, noise, schedule). A refiner handoff passes
+    noise=None and the handed-over latents as x0. A Denoiser model is
     given the schedule so its timesteps are exactly diffusers'.
     """
     if name not in SAMPLERS:
@@ -430,6 +431,7 @@ def sample(name: str, model, noise: torch.Tensor, schedule: Schedule, extra_args
     if isinstance(model, Denoiser):  # so it feeds the U-Net the schedule's own timesteps (e.g. karras DPM-Solver's
         # rounded ones) instead of interpolating them; other models get the k-diffusion extra_args as given
         extra_args.setdefault("schedule", schedule)
-    x = noise * schedule.init_noise_sigma if x0 is None else add_noise(x0, noise, schedule)
-    sigmas = schedule.sigmas.to(noise.device)
+    # noise None: x0 is already noised to sigmas[0] (the latents a denoising_end run handed over)
+    x = noise * schedule.init_noise_sigma if x0 is None else x0 if noise is None else add_noise(x0, noise, schedule)
+    sigmas = schedule.sigmas.to(x.device)
     return SAMPLERS[name].fn(model, x, sigmas, extra_args, callback=callback, generator=generator, disable=disable)

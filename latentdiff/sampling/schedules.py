@@ -74,6 +74,10 @@ class Schedule:
             raise ValueError(f"a Schedule can only be cut as schedule[start:], got {s!r}")
         return Schedule(self.sigmas[s], self.timesteps[s], self.init_noise_sigma, self.log_sigmas)
 
+    def first(self, k: int) -> "Schedule":
+        """The first k steps: they end at sigmas[k], not at 0 (a base model's part of a refiner handoff)."""
+        return Schedule(self.sigmas[:k + 1], self.timesteps[:k], self.init_noise_sigma, self.log_sigmas)
+
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
         """U-Net timestep for sigma (any shape): the schedule's own timestep where sigma is one of its grid
         sigmas, else diffusers' log-sigma interpolation (used for Heun/DPM2/SDE midpoints). "One of" allows a few
@@ -103,6 +107,15 @@ def strength_start(steps: int, strength: float) -> int:
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {strength!r}")
     return steps - min(int(steps * strength), steps)
+
+
+def handoff_index(schedule: Schedule, fraction: float, T: int = 1000) -> int:
+    """Base + refiner split (diffusers' SDXL `denoising_end` / `denoising_start`): the number of steps whose
+    timestep is >= round(T - fraction * T). The base runs ``schedule.first(k)`` and hands its noisy latents (at
+    sigmas[k]) to the refiner, which runs ``schedule[k:]`` from them without adding noise."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"denoising_start / denoising_end must be in (0, 1), got {fraction!r}")
+    return int((schedule.timesteps >= int(round(T - fraction * T))).sum())
 
 
 def family_sigmas(family: str, steps: int, schedule: str = "normal", spacing: str | None = None,

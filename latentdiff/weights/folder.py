@@ -28,6 +28,7 @@ from .diffusers import text as text_fmt
 from .diffusers import unet as unet_fmt
 from .diffusers import vae as vae_fmt
 from .io import CheckpointError, SafetensorsFile, read_in_background, write_safetensors
+from .infer import SIZE_NUMBERS
 from .layout import build_modules, check_keys, resolve_prediction_type
 
 log = logging.getLogger("latentdiff")
@@ -37,7 +38,17 @@ TEXT_DIRS = ("text_encoder", "text_encoder_2")
 
 
 def _pooled_dim(cfg: ModelConfig) -> int:
-    return cfg.text[-1].projection_dim if cfg.family == "sdxl" else 0
+    return cfg.text[-1].projection_dim if cfg.family.startswith("sdxl") else 0
+
+
+def _role(family: str) -> str:
+    """The text-encoder role (diffusers/text.py) of a family: the refiner's bigG is stored as SDXL's."""
+    return "sdxl" if family == "sdxl_refiner" else family
+
+
+def text_dirs(cfg: ModelConfig) -> tuple[str, ...]:
+    """The folders of cfg.text in order: the refiner has only SDXL's second encoder (text_encoder_2)."""
+    return TEXT_DIRS[1:] if cfg.family == "sdxl_refiner" else TEXT_DIRS[:len(cfg.text)]
 
 
 # --- configs: diffusers JSON -> ours ---------------------------------------------------------------------
@@ -143,9 +154,10 @@ def read_folder(path, config: ModelConfig | None = None, prediction_type: str | 
     path = Path(path)
     index = _read_json(path / "model_index.json")
     cls = index.get("_class_name", "")
-    family = "sdxl" if "XL" in cls else None
-    text_dirs = [t for t in TEXT_DIRS if t in index and index[t][0] is not None]
-    text_json = [_read_json(path / t / "config.json") for t in text_dirs]
+    dirs = [t for t in TEXT_DIRS if t in index and index[t][0] is not None]
+    # the refiner (StableDiffusionXLImg2ImgPipeline with requires_aesthetics_score): text_encoder_2 alone
+    family = None if "XL" not in cls else "sdxl_refiner" if dirs == ["text_encoder_2"] else "sdxl"
+    text_json = [_read_json(path / t / "config.json") for t in dirs]
     if family is None:
         family = "sd2" if text_json and text_json[0].get("hidden_act") == "gelu" else "sd1"
     sched = _read_json(path / "scheduler" / "scheduler_config.json") if (path / "scheduler").is_dir() else {}
@@ -154,13 +166,13 @@ def read_folder(path, config: ModelConfig | None = None, prediction_type: str | 
             name=f"{path.name}", family=family,
             unet=unet_config_from(_read_json(path / "unet" / "config.json")),
             vae=vae_config_from(_read_json(path / "vae" / "config.json")),
-            text=tuple(text_config_from(d, family, i) for i, d in enumerate(text_json)),
+            text=tuple(text_config_from(d, _role(family), TEXT_DIRS.index(t)) for t, d in zip(dirs, text_json)),
             prediction_type=sched.get("prediction_type", "epsilon"),
             beta_start=sched.get("beta_start", 0.00085), beta_end=sched.get("beta_end", 0.012),
             num_train_timesteps=sched.get("num_train_timesteps", 1000),
             zero_terminal_snr=bool(sched.get("rescale_betas_zero_snr", False)),
-            timestep_spacing="leading" if family == "sdxl" else None,
-            size=1024 if family == "sdxl" else 768 if sched.get("prediction_type") == "v_prediction" else 512)
+            timestep_spacing="leading" if family.startswith("sdxl") else None,
+            size=1024 if family.startswith("sdxl") else 768 if sched.get("prediction_type") == "v_prediction" else 512)
         config_from = "the folder's scheduler_config.json" if "prediction_type" in sched else None
         if (path / "latentdiff_config.json").is_file():  # written by us: keep the recommended defaults
             ours = ModelConfig.from_json((path / "latentdiff_config.json").read_text())
@@ -169,21 +181,22 @@ def read_folder(path, config: ModelConfig | None = None, prediction_type: str | 
     else:
         config_from = "the config argument"
     cfg = resolve_prediction_type(config, prediction_type, config_from, {}, None)
-    files = {sub: _weights_file(path / sub) for sub in ["unet", "vae", *text_dirs]}
+    if text_dirs(cfg) != tuple(dirs):
+        raise CheckpointError(f"{path}: the folder holds {dirs}, a {cfg.family} model needs {list(text_dirs(cfg))}")
+    files = {sub: _weights_file(path / sub) for sub in ["unet", "vae", *dirs]}
     jobs = {(sub, k): (lambda f=f, k=k: f.get(k, dtype).to(device)) for sub, f in files.items() for k in f.entries}
     with read_in_background(jobs) as tensors:  # converts while build_modules imports transformers
         modules = build_modules(cfg)
         read = tensors()
     parts = [("unet", modules["unet"], lambda sd: unet_fmt.from_diffusers(sd, cfg.unet)),
              ("vae", modules["vae"], lambda sd: vae_fmt.from_diffusers(sd, cfg.vae))]
-    for i, t in enumerate(text_dirs):
-        parts.append((t, modules["text_encoders"][i],
-                      lambda sd, i=i: text_fmt.from_diffusers(sd, cfg.text[i], cfg.family)))
+    role = _role(cfg.family)
+    for i, t in enumerate(dirs):
+        parts.append((t, modules["text_encoders"][i], lambda sd, i=i: text_fmt.from_diffusers(sd, cfg.text[i], role)))
     for sub, mod, convert in parts:
         f = files[sub]
         if sub.startswith("text_encoder"):
-            i = TEXT_DIRS.index(sub)
-            absent = text_fmt.absent_in_diffusers(cfg.text[i], cfg.family)
+            absent = text_fmt.absent_in_diffusers(cfg.text[dirs.index(sub)], role)
             if absent:
                 log.info("%s: %d tensors the diffusers format does not hold are zero-filled: %s%s", sub,
                          len(absent), ", ".join(absent[:4]), " ..." if len(absent) > 4 else "")
@@ -271,32 +284,35 @@ def _write_folder(root: Path, cfg: ModelConfig, modules: dict, dtype) -> None:
 
     f = cfg.vae.downsample
     unet_cfg = {"_class_name": "UNet2DConditionModel", "_diffusers_version": DIFFUSERS_VERSION,
-                "sample_size": cfg.size // f, **unet_fmt.diffusers_config(cfg.unet, _pooled_dim(cfg))}
+                "sample_size": cfg.size // f, **unet_fmt.diffusers_config(cfg.unet, _pooled_dim(cfg),
+                                                                        SIZE_NUMBERS.get(cfg.family, 6))}
     component("unet", unet_cfg, unet_fmt.to_diffusers(modules["unet"].state_dict(), cfg.unet),
               "diffusion_pytorch_model.safetensors")
     vae_cfg = {"_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION,
                **vae_fmt.diffusers_config(cfg.vae, sample_size=cfg.size)}
     component("vae", vae_cfg, vae_fmt.to_diffusers(modules["vae"].state_dict(), cfg.vae),
               "diffusion_pytorch_model.safetensors")
-    index = {"_class_name": "StableDiffusionXLPipeline" if cfg.family == "sdxl" else
-             "StableDiffusionInpaintPipeline" if cfg.unet.in_channels == 9 else "StableDiffusionPipeline",
+    index = {"_class_name": {"sdxl": "StableDiffusionXLPipeline", "sdxl_refiner": "StableDiffusionXLImg2ImgPipeline"}.get(
+                 cfg.family, "StableDiffusionInpaintPipeline" if cfg.unet.in_channels == 9 else "StableDiffusionPipeline"),
              "_diffusers_version": DIFFUSERS_VERSION, "unet": ["diffusers", "UNet2DConditionModel"],
              "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "EulerDiscreteScheduler"]}
-    for i, tcfg in enumerate(cfg.text):
-        sub = TEXT_DIRS[i]
-        kw = text_fmt.diffusers_config(tcfg, cfg.family)
-        with_proj = cfg.family == "sdxl" and i == 1
-        cls = "CLIPTextModelWithProjection" if with_proj else "CLIPTextModel"
+    role = _role(cfg.family)
+    for i, (tcfg, sub) in enumerate(zip(cfg.text, text_dirs(cfg))):
+        kw = text_fmt.diffusers_config(tcfg, role)
+        cls = "CLIPTextModelWithProjection" if sub == "text_encoder_2" else "CLIPTextModel"
         tconf = transformers.CLIPTextConfig(**kw)
         tconf.architectures = [cls]
-        component(sub, tconf.to_dict(), text_fmt.to_diffusers(modules["text_encoders"][i].state_dict(), tcfg,
-                                                               cfg.family), "model.safetensors")
-        tok = "tokenizer" if i == 0 else "tokenizer_2"
+        component(sub, tconf.to_dict(), text_fmt.to_diffusers(modules["text_encoders"][i].state_dict(), tcfg, role),
+                  "model.safetensors")
+        tok = sub.replace("text_encoder", "tokenizer")
         _write_tokenizer(root / tok, "!" if tcfg.pad_id == 0 else "<|endoftext|>")
         index[sub] = ["transformers", cls]
         index[tok] = ["transformers", "CLIPTokenizer"]
     if cfg.family == "sdxl":
         index["force_zeros_for_empty_prompt"] = True
+    elif cfg.family == "sdxl_refiner":  # as the released refiner's model_index.json
+        index.update(text_encoder=[None, None], tokenizer=[None, None], force_zeros_for_empty_prompt=False,
+                     requires_aesthetics_score=True)
     else:
         index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
     (root / "scheduler").mkdir()

@@ -110,11 +110,12 @@ def from_diffusers(sd: dict[str, Tensor], cfg: UNetConfig) -> dict[str, Tensor]:
     return {_rename(k, table, _RESNET_INV, "diffusers"): v for k, v in sd.items()}
 
 
-def diffusers_config(cfg: UNetConfig, pooled_dim: int = 0) -> dict:
+def diffusers_config(cfg: UNetConfig, pooled_dim: int = 0, numbers: int = 6) -> dict:
     """kwargs for diffusers' UNet2DConditionModel with the same topology as ``UNetModel(cfg)``.
 
     pooled_dim: width of SDXL's pooled text embedding (1280 for SDXL); needed when ``cfg.adm_in_channels``
-    is set, because diffusers stores the Fourier width (adm_in_channels - pooled_dim) / 6 separately.
+    is set, because diffusers stores the Fourier width (adm_in_channels - pooled_dim) / numbers separately
+    (numbers: the embedded size numbers, 6 for SDXL, 5 for its refiner; see models/unet.size_numbers).
     """
     depth, mid = cfg.transformer_depth, cfg.transformer_depth_middle
     cross_mid = cfg.middle_block and mid > 0
@@ -151,9 +152,9 @@ def diffusers_config(cfg: UNetConfig, pooled_dim: int = 0) -> dict:
         kwargs["reverse_transformer_layers_per_block"] = [[d or 1 for d in u] for u in up]
     if cfg.adm_in_channels:
         fourier = cfg.adm_in_channels - pooled_dim
-        if pooled_dim <= 0 or fourier <= 0 or fourier % 6:
+        if pooled_dim <= 0 or fourier <= 0 or fourier % numbers:
             raise ValueError(f"pooled_dim must be in (0, adm_in_channels={cfg.adm_in_channels}) with "
-                             f"adm_in_channels - pooled_dim a multiple of 6 (SDXL: 1280), got {pooled_dim}")
-        kwargs.update(addition_embed_type="text_time", addition_time_embed_dim=fourier // 6,
+                             f"adm_in_channels - pooled_dim a multiple of {numbers} (SDXL: 1280), got {pooled_dim}")
+        kwargs.update(addition_embed_type="text_time", addition_time_embed_dim=fourier // numbers,
                       projection_class_embeddings_input_dim=cfg.adm_in_channels)
     return kwargs
