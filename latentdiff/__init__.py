@@ -38,7 +38,8 @@ def _find(name: str) -> Path | None:
 def load(path: str | os.PathLike | None = None, *, device: str | torch.device = "cpu",
          dtype: torch.dtype | None = None, prediction_type: str | None = None,
          config: str | ModelConfig | None = None, vae: str | os.PathLike | None = None,
-         lora_dir: str | os.PathLike | None = None, embeddings_dir: str | os.PathLike | None = None) -> Pipeline:
+         lora_dir: str | os.PathLike | None = None, embeddings_dir: str | os.PathLike | None = None,
+         ema: bool = False) -> Pipeline:
     """Open a model for generation.
 
     path: a `.safetensors` / `.ckpt` single file, a diffusers folder, or the name of a model in checkpoints/
@@ -53,6 +54,7 @@ def load(path: str | os.PathLike | None = None, *, device: str | torch.device = 
     lora_dir: where `<lora:NAME:W>` prompt tags find NAME (searched recursively); None = $LATENTDIFF_LORA_DIR,
     then `loras/` next to the model. embeddings_dir: textual-inversion files usable by name in prompts; None =
     $LATENTDIFF_EMBEDDINGS_DIR, then `embeddings/` next to the model, where they exist.
+    ema: a training checkpoint's EMA copy of the U-Net (`model_ema.*`) instead of its weights (single files).
     """
     from . import speed, weights
     from .weights import preview
@@ -70,11 +72,13 @@ def load(path: str | os.PathLike | None = None, *, device: str | torch.device = 
     if p.is_dir():
         from .weights.folder import read_folder
 
+        if ema:
+            raise ValueError(f"ema=True: {p} is a diffusers folder, which holds no EMA copy")
         cfg, modules = read_folder(p, config=config, prediction_type=prediction_type, dtype=dtype, device=device)
     elif p.is_file():
         vae = vae or sibling_vae(p)
         cfg, modules = weights.read_single_file(p, config=config, prediction_type=prediction_type, dtype=dtype,
-                                                device=device, vae_given=vae is not None)
+                                                device=device, vae_given=vae is not None, ema=ema)
     else:
         shipped = sorted({f.stem for d in checkpoint_dirs() if d.is_dir() for f in d.glob("*.safetensors")
                           if not f.name.endswith(preview.SUFFIX)})

@@ -45,6 +45,8 @@ def _generate(a) -> None:
         kw = {**kw, **read_png_parameters(a.from_png), **given}
     if not kw["prompt"]:
         raise ValueError("a prompt is required (or --from-png)")
+    if a.refiner and a.init_image:
+        raise ValueError("--refiner continues a text-to-image run; it does not take --init-image")
     if a.init_image:
         from PIL import Image
 
@@ -54,6 +56,8 @@ def _generate(a) -> None:
                                   progress=not a.quiet, **kw)
         else:
             images = pipe.img2img(image=image, strength=a.strength or 0.75, progress=not a.quiet, **kw)
+    elif a.refiner:
+        images = _refined(a, pipe, kw)
     else:
         images = pipe(progress=not a.quiet, **kw)
     if len(images) == 1:
@@ -63,6 +67,17 @@ def _generate(a) -> None:
         grid.info["parameters"] = images[0].info.get("parameters", "")
         save_png(grid, a.output)
     print(f"wrote {a.output} (seed {pipe.last_seed})")
+
+
+def _refined(a, pipe, kw):
+    """SDXL base + refiner (diffusers' ensemble of experts): the base stops at --refiner-switch of the noise
+    schedule and hands its noisy latents to the refiner, which finishes them."""
+    import latentdiff
+
+    latents = pipe(progress=not a.quiet, denoising_end=a.refiner_switch, output="latent", **kw)
+    refiner = latentdiff.load(a.refiner, device=a.device or "cpu", dtype=DTYPES[a.dtype] if a.dtype else None)
+    del kw["height"], kw["width"]  # the latents' size
+    return refiner.img2img(image=latents, denoising_start=a.refiner_switch, progress=not a.quiet, **kw)
 
 
 def _lora_spec(spec: str, dirs) -> tuple[str, float]:
@@ -182,6 +197,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="merge a LoRA (file or name in --lora-dir) for this run; repeatable")
     g.add_argument("--lora-dir", default=None, help="where <lora:NAME:W> prompt tags look (default: loras/)")
     g.add_argument("--embeddings-dir", default=None, help="textual-inversion files usable by name in prompts")
+    g.add_argument("--refiner", default=None, help="SDXL refiner model finishing the base model's image")
+    g.add_argument("--refiner-switch", type=float, default=0.8,
+                   help="fraction of the noise schedule the base runs before the refiner takes over")
     g.set_defaults(func=_generate)
 
     m = sub.add_parser("merge-lora", help="merge LoRAs into a model: merge-lora BASE LORA[:W] ... -o OUT")

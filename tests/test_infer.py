@@ -231,6 +231,8 @@ def test_ema_copy_is_used_only_when_asked(tmp_path, caplog):
     assert _same(with_ema, {k: v * 0.5 if k.startswith(UNET) else v for k, v in sd.items()})
     with pytest.raises(weights.CheckpointError, match="ema=True"):
         read_single_file(tmp_path / "plain.safetensors", ema=True)
+    pipe = latentdiff.load(tmp_path / "ema.safetensors", dtype=torch.float32, ema=True)  # the public API
+    assert torch.equal(pipe.unet.input_blocks[0][0].weight, sd[UNET + "input_blocks.0.0.weight"] * 0.5)
 
 
 @pytest.mark.parametrize("position_ids", [True, False])

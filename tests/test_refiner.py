@@ -95,3 +95,21 @@ def test_handoff_bad_arguments(pair):
                         progress=False)
     with pytest.raises(ValueError, match=r"image latents \(3, 4, 8, 8\) do not fit 1 images"):
         refiner.img2img(PROMPT, torch.zeros(3, 4, 8, 8), denoising_start=0.5, steps=4, progress=False)
+
+
+def test_cli_refiner_equals_the_api_handoff(pair, tmp_path):
+    from PIL import Image
+
+    from latentdiff import cli
+
+    base, refiner, *_ = pair
+    base.save(tmp_path / "base.safetensors")
+    refiner.save(tmp_path / "refiner.safetensors")
+    cli.main(["generate", PROMPT, "-m", str(tmp_path / "base.safetensors"), "--refiner",
+              str(tmp_path / "refiner.safetensors"), "--refiner-switch", "0.7", "--steps", "6", "--cfg", "5",
+              "--sampler", "euler", "-H", "64", "-W", "64", "--dtype", "fp32", "-o", str(tmp_path / "o.png"), "-q"])
+    latents = base(PROMPT, steps=6, guidance_scale=5.0, sampler="euler", height=64, width=64, denoising_end=0.7,
+                   output="latent", progress=False)
+    want = refiner.img2img(PROMPT, latents, denoising_start=0.7, steps=6, guidance_scale=5.0, sampler="euler",
+                           progress=False)[0]
+    assert Image.open(tmp_path / "o.png").tobytes() == want.tobytes()
