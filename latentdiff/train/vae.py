@@ -123,7 +123,8 @@ class VAETrainer(Trainee):
             return
         for g in self.disc_opt.param_groups:
             g["lr"] = self.tc.lr * lr_factor
-        self.disc_opt.zero_grad(set_to_none=True)
+        # no zero_grad before backward: under grad_accum the prepared optimizer steps (and zeroes) only on the
+        # last micro-batch, so its gradients must sum over all of them, as the autoencoder's do
         with self.acc.autocast():
             logits = self.disc(self.pair).float()
             d_loss = hinge_d_loss(*logits.chunk(2))
