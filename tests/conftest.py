@@ -40,6 +40,24 @@ def diffusers_twin(pipe: latentdiff.Pipeline, folder: Path):
     return diffusers.DiffusionPipeline.from_pretrained(folder, local_files_only=True, torch_dtype=torch.float32)
 
 
+def unet_inputs(u, pooled_dim: int = 0, refiner: bool = False):
+    """Seeded U-Net inputs for config u (16x16 latents, 2 samples, 7 context tokens): (x, t, context, y) for ours
+    and the added_cond_kwargs diffusers' UNet2DConditionModel takes for SDXL-like models."""
+    from latentdiff.models.unet import sdxl_vector, size_numbers
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, u.in_channels, 16, 16, generator=g)
+    t = torch.tensor([999.0, 453.67])
+    context = torch.randn(2, 7, u.context_dim, generator=g)
+    if not u.adm_in_channels:
+        return (x, t, context, None), {}
+    pooled = torch.randn(2, pooled_dim, generator=g)
+    time_ids = (torch.tensor([size_numbers(1024, 768, refiner=True), size_numbers(512, 640, True, 2.5)]) if refiner
+                else torch.tensor([[1024.0, 768.0, 0.0, 16.0, 1024.0, 1024.0], [512.0, 512.0, 8.0, 0.0, 640.0, 512.0]]))
+    y = sdxl_vector(pooled, time_ids, u.adm_in_channels)
+    return (x, t, context, y), {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 

@@ -15,13 +15,12 @@ import latentdiff
 from latentdiff import weights
 from latentdiff.config import (CLIP_L, OPENCLIP_BIGG, OPENCLIP_H, PRESETS, SD15, SD21, SDXL, SDXL_CLIP_L, ModelConfig,
                                VAEConfig, with_inpainting)
-from latentdiff.models.unet import sdxl_vector, size_numbers
 from latentdiff.weights import infer, layout
 from latentdiff.weights.diffusers.unet import from_diffusers
 from latentdiff.weights.folder import unet_config_from
 from latentdiff.weights.single_file import read_single_file
 from conftest import layout as released_layout
-from conftest import tiny_pipe
+from conftest import tiny_pipe, unet_inputs
 
 UNET = layout.UNET_PREFIX
 
@@ -144,19 +143,8 @@ def test_standin_loads_without_config_and_matches_diffusers(tmp_path, name):
     cfg, modules = read_single_file(tmp_path / f"{name}.safetensors", dtype=torch.float32)
     assert cfg == expected  # every field: sizes from the weights, heads by the rule, the rest from the family
 
-    u = cfg.unet
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(2, u.in_channels, 16, 16, generator=g)
-    t = torch.tensor([999.0, 453.67])
-    context = torch.randn(2, 7, u.context_dim, generator=g)
-    kwargs, y = {}, None
-    if u.adm_in_channels:
-        pooled = torch.randn(2, texts[-1].projection_dim, generator=g)
-        time_ids = torch.tensor([[1024.0, 768.0, 0.0, 16.0, 1024.0, 1024.0], [512.0, 512.0, 8.0, 0.0, 640.0, 512.0]])
-        if family == "sdxl_refiner":  # original size, crop, aesthetic score
-            time_ids = torch.tensor([size_numbers(1024, 768, refiner=True), size_numbers(512, 640, True, 2.5)])
-        kwargs = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
-        y = sdxl_vector(pooled, time_ids, u.adm_in_channels)
+    pooled_dim = texts[-1].projection_dim if cfg.unet.adm_in_channels else 0
+    (x, t, context, y), kwargs = unet_inputs(cfg.unet, pooled_dim, refiner=family == "sdxl_refiner")
     with torch.no_grad():
         a = modules["unet"].eval()(x, t, context, y)
         b = theirs(x, t, encoder_hidden_states=context, **kwargs).sample

@@ -12,6 +12,7 @@ from latentdiff.config import SD15, SD21, SDXL, TINY_SD15, TINY_SD21, TINY_SDXL,
 from latentdiff.weights.diffusers.unet import diffusers_config, from_diffusers, to_diffusers
 from latentdiff.models.layers import timestep_embedding
 from latentdiff.models.unet import UNetModel, sdxl_vector
+from conftest import unet_inputs
 
 LAYOUTS = Path(__file__).parent / "layouts"  # copies of shared/reference/checkpoint-layouts/*.json
 PREFIX = "model.diffusion_model."
@@ -80,16 +81,7 @@ def test_parity_with_diffusers(name, model_cfg):
     theirs = UNet2DConditionModel(**diffusers_config(cfg, pooled_dim)).eval()
     theirs.load_state_dict(to_diffusers(ours.state_dict(), cfg), strict=True)
 
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(2, cfg.in_channels, 16, 16, generator=g)
-    t = torch.tensor([999.0, 453.67])
-    context = torch.randn(2, 7, cfg.context_dim, generator=g)
-    kwargs, y = {}, None
-    if cfg.adm_in_channels:
-        pooled = torch.randn(2, pooled_dim, generator=g)
-        time_ids = torch.tensor([[1024.0, 768.0, 0.0, 16.0, 1024.0, 1024.0], [512.0, 512.0, 8.0, 0.0, 640.0, 512.0]])
-        kwargs = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
-        y = sdxl_vector(pooled, time_ids, cfg.adm_in_channels)
+    (x, t, context, y), kwargs = unet_inputs(cfg, pooled_dim)
 
     with torch.no_grad():
         a = ours(x, t, context, y)
