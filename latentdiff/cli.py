@@ -45,6 +45,7 @@ def _generate(a) -> None:
         kw = {**kw, **read_png_parameters(a.from_png), **given}
     if not kw["prompt"]:
         raise ValueError("a prompt is required (or --from-png)")
+    kw.update(_control_kw(a))
     if a.init_image:
         from PIL import Image
 
@@ -63,6 +64,25 @@ def _generate(a) -> None:
         grid.info["parameters"] = images[0].info.get("parameters", "")
         save_png(grid, a.output)
     print(f"wrote {a.output} (seed {pipe.last_seed})")
+
+
+def _control_kw(a) -> dict:
+    """--controlnet FILE --control-image IMG [--control-scale S] [--canny] -> the pipeline's ControlNet keywords."""
+    if (a.controlnet is None) != (a.control_image is None):
+        raise ValueError("--controlnet FILE and --control-image IMG go together")
+    if a.controlnet is None:
+        if a.canny or a.control_scale is not None:
+            raise ValueError("--canny / --control-scale need --controlnet FILE and --control-image IMG")
+        return {}
+    from PIL import Image
+
+    import latentdiff
+    from latentdiff.control import canny
+
+    image = Image.open(a.control_image)
+    image = canny(image) if a.canny else image.convert("RGB")
+    scale = 1.0 if a.control_scale is None else a.control_scale
+    return dict(controlnet=latentdiff.load_controlnet(a.controlnet), control_image=image, controlnet_scale=scale)
 
 
 def _lora_spec(spec: str, dirs) -> tuple[str, float]:
@@ -182,6 +202,12 @@ def main(argv: list[str] | None = None) -> None:
                    help="merge a LoRA (file or name in --lora-dir) for this run; repeatable")
     g.add_argument("--lora-dir", default=None, help="where <lora:NAME:W> prompt tags look (default: loras/)")
     g.add_argument("--embeddings-dir", default=None, help="textual-inversion files usable by name in prompts")
+    g.add_argument("--controlnet", default=None, help="ControlNet file or diffusers folder (original or diffusers "
+                   "layout)")
+    g.add_argument("--control-image", default=None, help="the ControlNet's map (or, with --canny, the photo)")
+    g.add_argument("--control-scale", type=float, default=None, help="ControlNet strength (default 1.0)")
+    g.add_argument("--canny", action="store_true", help="make the control image a Canny edge map (low 100, "
+                   "high 200; needs opencv-python-headless: pip install 'latentdiff[control]')")
     g.set_defaults(func=_generate)
 
     m = sub.add_parser("merge-lora", help="merge LoRAs into a model: merge-lora BASE LORA[:W] ... -o OUT")
