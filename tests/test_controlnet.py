@@ -169,6 +169,28 @@ def test_img2img_matches_diffusers(setup):
     assert rel_err(got, theirs) < 1e-3, rel_err(got, theirs)
 
 
+def test_inpaint_9_channel_matches_diffusers(tmp_path):
+    """A 4-channel ControlNet with a 9-channel inpainting U-Net: the ControlNet sees the latents alone, as in
+    diffusers' StableDiffusionControlNetInpaintPipeline."""
+    net = diffusers.ControlNetModel.from_unet(diffusers_twin(tiny_pipe("tiny-sd15"), tmp_path / "base").unet)
+    perturb(net, 3, std=0.2)
+    net.save_pretrained(tmp_path / "cn")
+    pipe = tiny_pipe("tiny-sd15-inpaint")
+    parts = {k: v for k, v in diffusers_twin(pipe, tmp_path / "inpaint").components.items() if k != "image_encoder"}
+    dp = diffusers.StableDiffusionControlNetInpaintPipeline(**parts, controlnet=net)
+    dp.set_progress_bar_config(disable=True)
+    init, control = _image(1).resize((8, 8)).resize((64, 64), Image.BILINEAR), _image(2)
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    theirs = dp(PROMPT, image=init, mask_image=mask, control_image=control, strength=0.7, negative_prompt=NEG,
+                num_inference_steps=10, guidance_scale=7.5, controlnet_conditioning_scale=0.7, height=64, width=64,
+                generator=torch.Generator("cpu").manual_seed(0), output_type="latent").images
+    got = pipe.inpaint(PROMPT, init, mask, strength=0.7, negative_prompt=NEG, steps=10, seed=0, output="latent",
+                       progress=False, controlnet=latentdiff.load_controlnet(tmp_path / "cn"), control_image=control,
+                       controlnet_scale=0.7)
+    assert rel_err(got, theirs) < 1e-3, rel_err(got, theirs)
+
+
 def test_control_image_resized_and_sets_size(setup):
     """A 128 px control image gives a 128 px output when no size is given; at 64 px it is resized (Lanczos, as
     diffusers' control image processor) and equals passing the resized image."""
