@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .models.controlnet import ControlNet
 from .weights.controlnet import describe
 
 CANNY_LOW, CANNY_HIGH = 100, 200  # lllyasviel's gradio_canny.py defaults
@@ -89,11 +90,10 @@ class Control:
 
     @staticmethod
     def _check_fits(net, u, k: int) -> None:
-        c = getattr(net, "cfg", None)
-        if c is None or not hasattr(c, "hint_widths"):
+        if not isinstance(net, ControlNet):
             raise ValueError(f"controlnet {k} is a {type(net).__name__}, not a latentdiff ControlNet "
                              "(latentdiff.load_controlnet(path))")
-        e = c.unet
+        e = net.cfg.unet
         fields = ("context_dim", "adm_in_channels", "model_channels", "channel_mult", "num_res_blocks", "middle_block")
         bad = [f"{f} {getattr(e, f)} vs {getattr(u, f)}" for f in fields if getattr(e, f) != getattr(u, f)]
         if bad:

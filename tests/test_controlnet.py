@@ -77,7 +77,9 @@ def test_original_layout_round_trip(setup, tmp_path):
     save_file({k[len(CONTROL_PREFIX):]: v for k, v in raw.items()}, bare)
     pth = tmp_path / "control_test.pth"
     torch.save(raw, pth)
-    for path in (single, bare, pth):
+    lone = tmp_path / "diffusers_format.safetensors"  # diffusers keys, no config.json beside it
+    lone.write_bytes((folders[0] / "diffusion_pytorch_model.safetensors").read_bytes())
+    for path in (single, bare, pth, lone):
         back = latentdiff.load_controlnet(path)
         assert back.cfg == cn.cfg, path
         assert _equal(_sd(back), _sd(cn)), path
@@ -246,6 +248,8 @@ def test_bad_arguments_are_refused(setup):
         pipe(PROMPT, controlnet=ours, control_image=[_image()], **kw)
     with pytest.raises(ValueError, match="controlnet given without control_image"):
         pipe(PROMPT, controlnet=ours[0], **kw)
+    with pytest.raises(ValueError, match="controlnet 0 is a ControlNetModel, not a latentdiff ControlNet"):
+        pipe(PROMPT, controlnet=setup[2][0], control_image=_image(), **kw)
 
 
 def test_missing_zero_convs_are_named(setup, tmp_path):

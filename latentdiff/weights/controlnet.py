@@ -68,17 +68,20 @@ def _open(path: Path) -> tuple[dict, dict, callable, dict]:
     """-> (shapes, metadata, read(key) -> tensor, diffusers config.json or {}) of a file or diffusers folder."""
     config = {}
     if path.is_dir():
-        cfg_path = path / "config.json"
-        if not cfg_path.is_file():
+        if not (path / "config.json").is_file():
             raise CheckpointError(f"{path}: a folder without config.json is not a diffusers ControlNet")
-        try:
-            config = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from e
         if not (path / WEIGHTS_NAME).is_file():
             raise CheckpointError(f"{path}: no {WEIGHTS_NAME} (pickled .bin weights are not read; convert them "
                                   "to .safetensors)")
         path = path / WEIGHTS_NAME
+    cfg_path = path.parent / "config.json"  # a diffusers weights file inside its folder: its heads are there
+    if path.name.startswith("diffusion_pytorch_model.") and cfg_path.is_file():
+        try:
+            config = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from e
+        if config.get("_class_name") != "ControlNetModel":
+            raise CheckpointError(f"{cfg_path}: _class_name is {config.get('_class_name')!r}, not ControlNetModel")
     if path.suffix in (".pth", ".ckpt", ".pt", ".bin"):
         sd = read_ckpt(path)  # torch.load(weights_only=True)
         return {k: tuple(v.shape) for k, v in sd.items()}, {}, sd.__getitem__, config
