@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _unets import NORMS, diffusers_twin, random_unet, unet_inputs  # noqa: E402
+from _unets import NORMS, diffusers_twin, random_unet, unet_flops, unet_inputs  # noqa: E402
 
 from latentdiff.config import SD15  # noqa: E402
 from latentdiff.models.controlnet import ControlNet, ControlNetConfig  # noqa: E402
@@ -57,6 +57,20 @@ def diffusers_controlnet(ours: ControlNet):
     sd = to_diffusers(ours.state_dict(), ours.cfg.unet, _extra_names(ours.cfg))
     theirs.load_state_dict(sd, strict=True, assign=True)
     return theirs.eval().requires_grad_(False)
+
+
+def controlnet_flops(cfg: ControlNetConfig, size: int, batch: int) -> int:
+    """FLOPs of one ControlNet call, counted on the meta device (nothing runs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        cn = ControlNet(cfg)
+        x = torch.empty(batch, cfg.unet.in_channels, size // 8, size // 8)
+        t, ctx = torch.full((batch,), 500.0), torch.empty(batch, 77, cfg.unet.context_dim)
+        hint = torch.empty(batch, 3, size, size)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        cn(x, t, ctx, None, hint)
+    return counter.get_total_flops()
 
 
 def main(argv=None) -> None:
@@ -100,8 +114,11 @@ def main(argv=None) -> None:
                 if r:  # round 0 warms up
                     times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
+    u_flops, c_flops = unet_flops(SD15.unet, a.size, a.batch), controlnet_flops(cn.cfg, a.size, a.batch)
     print(f"SD 1.5 architecture, {a.size}x{a.size}, batch {a.batch}, fp32, {torch.get_num_threads()} threads, "
           f"medians of {a.repeats}; ours vs diffusers with the ControlNet: max rel. diff {err:.1e}")
+    print(f"  FLOPs: U-Net {u_flops / 1e12:.3f} T, ControlNet {c_flops / 1e12:.3f} T: "
+          f"{(u_flops + c_flops) / u_flops:.2f}x the bare step's arithmetic")
     for k, v in med.items():
         print(f"  {k:32s} {v:7.2f} s   ({', '.join(f'{s:.2f}' for s in times[k])})")
     # per-round ratios of adjacent calls are steadier than ratios of medians when the machine's load drifts
