@@ -115,9 +115,9 @@ class Control:
             ch, cw = _size(image)
             off = abs(cw * height / ch - width)
             if off > f and abs((cw / ch) / (width / height) - 1) > 0.01:
-                raise ValueError(f"control_image {k} is {cw}x{ch} (width x height, ratio {cw / ch:.3f}), the output "
-                                 f"{width}x{height} (ratio {width / height:.3f}): it would be stretched; crop it to the "
-                                 "output's ratio or pass a height and width of its ratio")
+                raise ValueError(f"control_image {k} is {cw}x{ch} (width x height, ratio {cw / ch:.3f}), the "
+                                 f"output {width}x{height} (ratio {width / height:.3f}): it would be stretched; crop "
+                                 "it to the output's ratio or pass a height and width of its ratio")
             if isinstance(image, Image.Image):
                 image = image.convert("RGB")
                 if image.size != (width, height):
