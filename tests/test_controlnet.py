@@ -342,3 +342,56 @@ def test_cli_generate_with_controlnet(setup, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="--controlnet FILE and --control-image IMG go together"):
         cli.main(["generate", PROMPT, "-m", str(tmp_path / "model.safetensors"), "--control-image",
                   str(tmp_path / "photo.png"), "-o", str(out), "-q"])
+
+
+@pytest.mark.parametrize("preset, name", [("sd15", "sd15"), ("sdxl", "sdxl")])
+def test_full_size_keys_equal_released_layout(preset, name):
+    """The encoder copy has the released U-Net's encoder keys and shapes (checkpoint-layouts), and the ControlNet
+    parts the released files' (wave2-formats 9.2): hint convs at 0, 2, ..., 14 (3 -> 16 ... 256 -> 320), one 1x1
+    zero conv per input block (SD 1.x: 320 x4, 640 x3, 1280 x5) and middle_block_out."""
+    from accelerate import init_empty_weights
+
+    from conftest import layout
+    from latentdiff.config import get_preset
+    from latentdiff.models.controlnet import ControlNet, ControlNetConfig
+
+    with init_empty_weights():
+        cn = ControlNet(ControlNetConfig(unet=get_preset(preset).unet))
+    ours = {k: list(v.shape) for k, v in cn.state_dict().items()}
+    released = {k[len("model.diffusion_model."):]: shape for k, (shape, _) in layout(name).items()
+                if k.startswith("model.diffusion_model.")}
+    encoder = {k: v for k, v in released.items() if k.startswith(("input_blocks.", "middle_block.", "time_embed.",
+                                                                   "label_emb."))}
+    assert {k: v for k, v in ours.items() if k.split(".")[0] in ("input_blocks", "middle_block", "time_embed",
+                                                                  "label_emb")} == encoder
+    hint = {k: v for k, v in ours.items() if k.startswith("input_hint_block.") and k.endswith("weight")}
+    assert sorted(int(k.split(".")[1]) for k in hint) == list(range(0, 16, 2))
+    assert hint["input_hint_block.0.weight"] == [16, 3, 3, 3] and hint["input_hint_block.14.weight"][:2] == [
+        320, 256]
+    zero = [ours[f"zero_convs.{n}.0.weight"] for n in range(len(cn.input_blocks))]
+    assert all(w[2:] == [1, 1] and w[0] == w[1] for w in zero)
+    if preset == "sd15":
+        assert [w[0] for w in zero] == [320] * 4 + [640] * 3 + [1280] * 5
+    assert ours["middle_block_out.0.weight"] == [1280, 1280, 1, 1]
+
+
+def test_sd2_controlnet_reads_and_matches_diffusers(tmp_path):
+    """SD 2.x (linear projections): unprefixed original layout, as thibaud's files; no config in the file, so the
+    heads come from the preset with these shapes."""
+    from safetensors.torch import save_file
+
+    pipe = tiny_pipe("tiny-sd21")
+    net = diffusers.ControlNetModel.from_unet(diffusers_twin(pipe, tmp_path / "m").unet)
+    perturb(net, 4, std=0.2)
+    net.save_pretrained(tmp_path / "cn")
+    cn = latentdiff.load_controlnet(tmp_path / "cn")
+    assert cn.cfg.unet.use_linear_in_transformer and cn.cfg.unet.context_dim == 64
+    save_file(dict(cn.state_dict()), tmp_path / "bare.safetensors")
+    back = latentdiff.load_controlnet(tmp_path / "bare.safetensors")
+    assert back.cfg == cn.cfg and _equal(_sd(back), _sd(cn))
+    g = torch.Generator().manual_seed(1)
+    x, ctx, hint = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 64, generator=g), torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        down, mid = net(x, torch.tensor([400.0]), ctx, hint, return_dict=False)
+        our_down, our_mid = back(x, torch.tensor([400.0]), ctx, None, hint)
+    assert all(rel_err(b, a) < 1e-5 for a, b in zip(down, our_down)) and rel_err(our_mid, mid) < 1e-5
