@@ -16,7 +16,8 @@ from .config import ModelConfig, load_config
 from .pipeline import Pipeline
 
 __version__ = "0.1.0"
-__all__ = ["load", "from_config", "generate_many", "Pipeline", "ModelConfig", "__version__"]
+__all__ = ["load", "load_controlnet", "save_controlnet", "from_config", "generate_many", "Pipeline", "ModelConfig",
+           "__version__"]
 
 log = logging.getLogger("latentdiff")
 DEFAULT_MODEL = "emoji"
@@ -97,6 +98,25 @@ def load(path: str | os.PathLike | None = None, *, device: str | torch.device = 
     if p.is_file() and preview.preview_path(p).is_file():
         pipe.load_preview(preview.preview_path(p))
     return pipe
+
+
+def load_controlnet(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """A ControlNet for `pipe(..., controlnet=cn, control_image=img)`: an original-layout file (lllyasviel's
+    `control_*.pth` / `.safetensors`, keys with or without `control_model.`; `.pth` read weights-only) or a
+    diffusers ControlNetModel folder or file; the architecture (SD 1.x / 2.x / SDXL, widths) comes from the
+    weights. dtype None: as stored; the pipeline moves it to its own device and dtype when it runs."""
+    from .weights.controlnet import read_controlnet
+
+    return read_controlnet(path, dtype=dtype, device=device)
+
+
+def save_controlnet(controlnet, path: str | os.PathLike, format: str = "single_file",
+                    dtype: torch.dtype | None = None) -> None:
+    """Write a ControlNet: "single_file" = original layout (`control_model.*` keys, one .safetensors),
+    "diffusers" = a ControlNetModel folder (config.json + diffusion_pytorch_model.safetensors)."""
+    from .weights.controlnet import save_controlnet as save
+
+    save(controlnet, path, format, dtype)
 
 
 def from_config(config: str | ModelConfig, *, seed: int = 0, device: str | torch.device = "cpu",

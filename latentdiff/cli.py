@@ -45,8 +45,10 @@ def _generate(a) -> None:
         kw = {**kw, **read_png_parameters(a.from_png), **given}
     if not kw["prompt"]:
         raise ValueError("a prompt is required (or --from-png)")
-    if a.refiner and a.init_image:
-        raise ValueError("--refiner continues a text-to-image run; it does not take --init-image")
+    if a.refiner and (a.init_image or a.controlnet):
+        raise ValueError("--refiner continues a plain text-to-image run; it does not take --init-image or "
+                         "--controlnet")
+    kw.update(_control_kw(a))
     if a.init_image:
         from PIL import Image
 
@@ -78,6 +80,25 @@ def _refined(a, pipe, kw):
     refiner = latentdiff.load(a.refiner, device=a.device or "cpu", dtype=DTYPES[a.dtype] if a.dtype else None)
     del kw["height"], kw["width"]  # the latents' size
     return refiner.img2img(image=latents, denoising_start=a.refiner_switch, progress=not a.quiet, **kw)
+
+
+def _control_kw(a) -> dict:
+    """--controlnet FILE --control-image IMG [--control-scale S] [--canny] -> the pipeline's ControlNet keywords."""
+    if (a.controlnet is None) != (a.control_image is None):
+        raise ValueError("--controlnet FILE and --control-image IMG go together")
+    if a.controlnet is None:
+        if a.canny or a.control_scale is not None:
+            raise ValueError("--canny / --control-scale need --controlnet FILE and --control-image IMG")
+        return {}
+    from PIL import Image
+
+    import latentdiff
+    from latentdiff.control import canny
+
+    image = Image.open(a.control_image)
+    image = canny(image) if a.canny else image.convert("RGB")
+    scale = 1.0 if a.control_scale is None else a.control_scale
+    return dict(controlnet=latentdiff.load_controlnet(a.controlnet), control_image=image, controlnet_scale=scale)
 
 
 def _lora_spec(spec: str, dirs) -> tuple[str, float]:
@@ -200,6 +221,12 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--refiner", default=None, help="SDXL refiner model finishing the base model's image")
     g.add_argument("--refiner-switch", type=float, default=0.8,
                    help="fraction of the noise schedule the base runs before the refiner takes over")
+    g.add_argument("--controlnet", default=None, help="ControlNet file or diffusers folder (original or diffusers "
+                   "layout)")
+    g.add_argument("--control-image", default=None, help="the ControlNet's map (or, with --canny, the photo)")
+    g.add_argument("--control-scale", type=float, default=None, help="ControlNet strength (default 1.0)")
+    g.add_argument("--canny", action="store_true", help="make the control image a Canny edge map (low 100, "
+                   "high 200; needs opencv-python-headless: pip install 'latentdiff[control]')")
     g.set_defaults(func=_generate)
 
     m = sub.add_parser("merge-lora", help="merge LoRAs into a model: merge-lora BASE LORA[:W] ... -o OUT")

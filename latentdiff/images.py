@@ -80,6 +80,8 @@ def format_parameters(p: dict, model: str) -> str:
     fields.append(("Model", model))
     if p.get("lora_hashes"):  # A1111's entry: Lora hashes: "name: 0123456789ab, other: ..."
         fields.append(("Lora hashes", '"' + ", ".join(f"{n}: {h}" for n, h in p["lora_hashes"].items()) + '"'))
+    for i, entry in enumerate(p.get("controlnets", ())):  # A1111 ControlNet extension: ControlNet 0: "Module: ..."
+        fields.append((f"ControlNet {i}", f'"{entry}"'))
     return f"{prompt}\nNegative prompt: {p['negative_prompt']}\n" + ", ".join(f"{k}: {v}" for k, v in fields)
 
 

@@ -102,17 +102,17 @@ class Pipeline:
             out["y"] = y.repeat_interleave(n, 0).to(self.device, self.dtype)
         return out
 
-    def _unet_fn(self, x, t, context, y=None):
-        # Latents stay fp32 in the sampler; the U-Net runs in the pipeline dtype.
+    def _unet_fn(self, x, t, context, y=None, control=None):
+        # Latents stay fp32 in the sampler; the U-Net runs in the pipeline dtype. control: ControlNet residuals
         if self._compiled_unet is None:
             with speed.packed(self.unet, self.device, self.exact, self.offload):
-                return self.unet(x.to(self.dtype), t.to(x.device), context, y).float()
+                return self.unet(x.to(self.dtype), t.to(x.device), context, y, control).float()
         # inductor reads `freezing` from its global config when it compiles (first call, each new shape):
         # torch.compile(..., options={"freezing": True}) was measured not to freeze (slower than eager)
         from torch._inductor import config as inductor_config
 
         with inductor_config.patch(freezing=True):
-            return self._compiled_unet(x.to(self.dtype), t.to(x.device), context, y).float()
+            return self._compiled_unet(x.to(self.dtype), t.to(x.device), context, y, control).float()
 
     # --- generation ---------------------------------------------------------------------------------------
 
@@ -125,7 +125,10 @@ class Pipeline:
         Refiner handoff (diffusers' SDXL semantics): `denoising_end=0.8` with output="latent" stops at the step
         where 80% of the noise schedule is done and returns the still-noisy latents; pass them to the refiner's
         `img2img(prompt, latents, denoising_start=0.8)` (same steps and sampler), which runs the rest without
-        adding noise. SDXL refiner models take `aesthetic_score` (6.0) and `negative_aesthetic_score` (2.5)."""
+        adding noise. SDXL refiner models take `aesthetic_score` (6.0) and `negative_aesthetic_score` (2.5).
+        ControlNet (also for img2img / inpaint): controlnet=latentdiff.load_controlnet(path) or a list of them,
+        control_image (PIL, or a tensor in [0, 1]; one per ControlNet), controlnet_scale, control_start /
+        control_end (fractions of the steps it acts in), guess_mode; see latentdiff/control.py."""
         return self._generate(prompt, **kw)
 
     def img2img(self, prompt: str | list[str], image, strength: float = 0.75, **kw):
@@ -159,8 +162,18 @@ class Pipeline:
                 negative_prompt=None, seed=0, sampler=None, schedule="normal", timestep_spacing=None, height=None,
                 width=None, num_images=1, output="pil", guidance_rescale=0.0, clip_skip=None, callback=None,
                 progress=True, denoising_start=None, denoising_end=None, aesthetic_score=6.0,
-                negative_aesthetic_score=2.5):
+                negative_aesthetic_score=2.5, controlnet=None, control_image=None, controlnet_scale=1.0,
+                control_start=0.0, control_end=1.0, guess_mode=False):
         guidance_scale = self.cfg.guidance_scale if guidance_scale is None else guidance_scale
+        control = None  # ControlNets (latentdiff/control.py), validated before anything runs
+        if controlnet is not None:
+            from .control import Control
+
+            control = Control(self.cfg.unet, controlnet, control_image, controlnet_scale, control_start,
+                              control_end, guess_mode)
+            if image is None:  # txt2img: the output takes the control image's size, as in diffusers
+                h, w = control.default_size(self.cfg.vae.downsample)
+                height, width = height or h, width or w
         steps = self.cfg.steps if steps is None else steps
         sampler = sampler or self.cfg.sampler
         f = self.cfg.vae.downsample
@@ -183,6 +196,8 @@ class Pipeline:
         timestep_spacing = timestep_spacing or self.cfg.timestep_spacing
         cond = self.encode_prompt(prompt, negative_prompt, clip_skip)
         B = cond.context.shape[0] * num_images
+        if control is not None:
+            control.prepare(height, width, cond.context.shape[0], num_images, f)
         shape = (B, self.cfg.unet.out_channels, height // f, width // f)
         generator = torch.Generator("cpu").manual_seed(seed)
         sched = samplers.get_sigmas(sampler, steps, schedule, timestep_spacing, alphas_cumprod=self.alphas_cumprod)
@@ -224,7 +239,7 @@ class Pipeline:
         x0_start = None if mask is not None and start == 0 else x0  # inpaint at strength 1: pure noise, as diffusers
         latents = self._sample(sampler, noise, sched, cond, num_images, height, width, guidance_scale,
                                guidance_rescale, generator, callback, progress, c_concat, x0_start, blend,
-                               (aesthetic_score, negative_aesthetic_score))
+                               (aesthetic_score, negative_aesthetic_score), control)
         self.last_seed = seed
         if output == "latent":
             return latents
@@ -235,6 +250,8 @@ class Pipeline:
             params["lora_hashes"] = lora_hashes
         if image is not None:
             params["strength"] = strength
+        if control is not None:
+            params["controlnets"] = control.infotext()
         return self.decode(latents, params)
 
     def _encode_image(self, image: torch.Tensor, generator) -> torch.Tensor:
@@ -244,8 +261,10 @@ class Pipeline:
             return post.sample(generator).float() * self.cfg.vae.scaling_factor
 
     def _sample(self, sampler, x, sched, cond: Conditioning, n, h, w, guidance_scale, guidance_rescale, generator,
-                callback, progress, c_concat=None, x0=None, blend=None, scores=(6.0, 2.5)):
-        model = Denoiser(self._unet_fn, self.alphas_cumprod, self.cfg.prediction_type)
+                callback, progress, c_concat=None, x0=None, blend=None, scores=(6.0, 2.5), control=None):
+        unet_fn = self._unet_fn if control is None else control.unet_fn(
+            self._unet_fn, sched, guidance_scale > 1, self.device, self.dtype, self._running)
+        model = Denoiser(unet_fn, self.alphas_cumprod, self.cfg.prediction_type)
         extra = {"cond": self._unet_cond(cond.context, cond.pooled, n, h, w, scores[0]),
                  "guidance_scale": guidance_scale, "guidance_rescale": guidance_rescale, "schedule": sched}
         if guidance_scale > 1:

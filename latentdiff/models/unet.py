@@ -128,9 +128,11 @@ class UNetModel(nn.Module):
         nn.init.zeros_(self.out[2].bias)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                y: torch.Tensor | None = None) -> torch.Tensor:
+                y: torch.Tensor | None = None, control: tuple[list, torch.Tensor | None] | None = None) -> torch.Tensor:
         """x (B, in_channels, h, w); timesteps (B,) float, may be fractional; context (B, L, context_dim);
-        y (B, adm_in_channels) for SDXL (see ``sdxl_vector``). Returns (B, out_channels, h, w)."""
+        y (B, adm_in_channels) for SDXL (see ``sdxl_vector``). control: ControlNet residuals (one per skip,
+        the middle block's), added to the skips and the middle-block output (cldm ControlledUnetModel,
+        diffusers' down/mid_block_additional_residual). Returns (B, out_channels, h, w)."""
         factor = 2 ** (len(self.cfg.channel_mult) - 1)
         if x.shape[-2] % factor or x.shape[-1] % factor:
             raise ValueError(f"latent height and width must be multiples of {factor}, got {tuple(x.shape[-2:])}")
@@ -148,6 +150,12 @@ class UNetModel(nn.Module):
             skips.append(h)
         if self.cfg.middle_block:
             h = self.middle_block(h, emb, context)
+        if control is not None:
+            down, mid = control
+            if len(down) != len(skips):
+                raise ValueError(f"control has {len(down)} skip residuals, this U-Net has {len(skips)} skips")
+            skips = [s + r for s, r in zip(skips, down)]
+            h = h if mid is None else h + mid
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
         return self.out(h)

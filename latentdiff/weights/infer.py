@@ -70,10 +70,12 @@ def heads_rule(context_dim: int, linear: bool) -> dict:
     return dict(num_heads=8, head_channels=HEAD_CHANNELS)  # SD 2.x, SDXL and the rest: 64 channels per head
 
 
-def unet_config(s: _Shapes, base: UNetConfig, context_fallback: int) -> UNetConfig:
+def unet_config(s: _Shapes, base: UNetConfig, context_fallback: int, encoder_only: bool = False) -> UNetConfig:
+    """encoder_only: the weights hold no decoder (a ControlNet's copy of the encoder); its fields keep the
+    defaults of the mirrored encoder."""
     p = UNET_PREFIX
     mc, in_ch = s[p + "input_blocks.0.0.weight"][:2]
-    out_ch = s[p + "out.2.weight"][0]
+    out_ch = base.out_channels if encoder_only else s[p + "out.2.weight"][0]
     adm = s[p + "label_emb.0.0.weight"][1] if s.has(p + "label_emb.0.0.weight") else 0
     transformers: list[str] = []  # prefixes of every SpatialTransformer with blocks
 
@@ -107,7 +109,7 @@ def unet_config(s: _Shapes, base: UNetConfig, context_fallback: int) -> UNetConf
         s.fail(f"transformer depths differ within a down level ({levels}); only the up path may vary per block")
     level_depth = tuple(lv[0] for lv in levels)
     n_out = s.count(p + "output_blocks.")
-    if n_out != len(levels) * (r + 1):
+    if n_out != len(levels) * (r + 1) and not encoder_only:
         s.fail(f"{n_out} output blocks for {len(levels)} levels of {r} ResBlocks (expected {len(levels) * (r + 1)})")
     out_depth = tuple(depth(f"{p}output_blocks.{n}.1.") for n in range(n_out))
     middle = s.has(p + "middle_block.0.in_layers.0.weight")
@@ -125,7 +127,7 @@ def unet_config(s: _Shapes, base: UNetConfig, context_fallback: int) -> UNetConf
         transformer_depth=level_depth, transformer_depth_middle=mid_depth, middle_block=middle,
         context_dim=context, use_linear_in_transformer=linear, adm_in_channels=adm, norm_groups=base.norm_groups,
         **heads_rule(context, linear))
-    if out_depth != cfg.output_depths():
+    if out_depth != cfg.output_depths() and not encoder_only:
         cfg = replace(cfg, transformer_depth_output=out_depth)
     return cfg
 

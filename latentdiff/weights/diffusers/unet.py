@@ -98,15 +98,16 @@ def _rename(key: str, table: dict[str, tuple[str, str]], resnet: dict[str, str],
     raise ValueError(f"unknown U-Net key {key!r} for the {layout} layout of this config")
 
 
-def to_diffusers(sd: dict[str, Tensor], cfg: UNetConfig) -> dict[str, Tensor]:
-    """Our (original-layout) U-Net keys -> diffusers UNet2DConditionModel keys; tensors are shared."""
-    table = {ours: (theirs, kind) for ours, theirs, kind in _block_prefixes(cfg)}
+def to_diffusers(sd: dict[str, Tensor], cfg: UNetConfig, extra: list[tuple[str, str, str]] = ()) -> dict[str, Tensor]:
+    """Our (original-layout) U-Net keys -> diffusers UNet2DConditionModel keys; tensors are shared. `extra`: more
+    (our prefix, diffusers prefix, kind) rows (a ControlNet's own blocks)."""
+    table = {ours: (theirs, kind) for ours, theirs, kind in _block_prefixes(cfg) + list(extra)}
     return {_rename(k, table, _RESNET, "original"): v for k, v in sd.items()}
 
 
-def from_diffusers(sd: dict[str, Tensor], cfg: UNetConfig) -> dict[str, Tensor]:
+def from_diffusers(sd: dict[str, Tensor], cfg: UNetConfig, extra: list[tuple[str, str, str]] = ()) -> dict[str, Tensor]:
     """diffusers UNet2DConditionModel keys -> our (original-layout) keys; tensors are shared."""
-    table = {theirs: (ours, kind) for ours, theirs, kind in _block_prefixes(cfg)}
+    table = {theirs: (ours, kind) for ours, theirs, kind in _block_prefixes(cfg) + list(extra)}
     return {_rename(k, table, _RESNET_INV, "diffusers"): v for k, v in sd.items()}
 
 
