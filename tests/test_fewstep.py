@@ -1,0 +1,71 @@
+"""Few-step generation (issue #27) through the whole pipeline on the tiny SD 1.x and SDXL models: final latents
+equal diffusers' StableDiffusion(XL)Pipeline with the scheduler each distilled model family uses, seed 0,
+to 1e-3 relative.
+
+- lcm / tcd vs LCMScheduler / TCDScheduler (eta 0.3, TCD's default; the diffusers pipelines pass eta=0.0 unless
+  told) at 1, 2, 4, 8 steps, with CFG (7.5, negative prompt) and without (guidance 1).
+- Turbo settings (euler_a, trailing, 1 step, guidance 0) vs EulerAncestralDiscreteScheduler(trailing); Lightning
+  settings (euler, trailing, 4 steps, guidance 0) vs EulerDiscreteScheduler(trailing).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import diffusers_twin, rel_err, tiny_pipe
+from latentdiff.sampling import samplers
+
+diffusers = pytest.importorskip("diffusers")
+
+PROMPT, NEG = "a lighthouse on a cliff at dusk", "fog"
+
+
+@pytest.fixture(scope="module", params=["tiny-sd15", "tiny-sdxl"])
+def pair(request, tmp_path_factory):
+    pipe = tiny_pipe(request.param)
+    dpipe = diffusers_twin(pipe, tmp_path_factory.mktemp("folder") / "d")
+    dpipe.set_progress_bar_config(disable=True)
+    return pipe, dpipe, dict(dpipe.scheduler.config)
+
+
+def _both(pipe, dpipe, steps, guidance, sampler, spacing=None, **dkw):
+    neg = NEG if guidance > 1 else None
+    theirs = dpipe(PROMPT, negative_prompt=neg, num_inference_steps=steps, guidance_scale=guidance, height=64,
+                   width=64, generator=torch.Generator("cpu").manual_seed(0), output_type="latent", **dkw).images
+    ours = pipe(PROMPT, negative_prompt=neg, guidance_scale=guidance, steps=steps, seed=0, sampler=sampler,
+                timestep_spacing=spacing, height=64, width=64, output="latent", progress=False)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("guidance", [1.0, 7.5], ids=["nocfg", "cfg"])
+@pytest.mark.parametrize("steps", [1, 2, 4, 8])
+@pytest.mark.parametrize("sampler, cls, dkw", [("lcm", "LCMScheduler", {}), ("tcd", "TCDScheduler", {"eta": 0.3})],
+                         ids=["lcm", "tcd"])
+def test_consistency_samplers_match_diffusers(pair, sampler, cls, dkw, steps, guidance):
+    pipe, dpipe, config = pair
+    dpipe.scheduler = getattr(diffusers, cls).from_config(config)
+    ours, theirs = _both(pipe, dpipe, steps, guidance, sampler, **dkw)
+    assert rel_err(ours, theirs) < 1e-3, rel_err(ours, theirs)
+
+
+@pytest.mark.parametrize("sampler, steps, cls", [("euler_a", 1, "EulerAncestralDiscreteScheduler"),
+                                                 ("euler", 4, "EulerDiscreteScheduler")], ids=["turbo", "lightning"])
+def test_turbo_lightning_settings_match_diffusers(pair, sampler, steps, cls):
+    pipe, dpipe, config = pair
+    dpipe.scheduler = getattr(diffusers, cls).from_config(config, timestep_spacing="trailing")
+    ours, theirs = _both(pipe, dpipe, steps, 0.0, sampler, spacing="trailing")
+    assert rel_err(ours, theirs) < 1e-3, rel_err(ours, theirs)
+
+
+def test_lcm_timesteps_and_errors():
+    """The grids diffusers picks (shared/reference/wave2-formats.md 8.1), TCD ending at alphas_cumprod[0]."""
+    grids = {1: [999], 2: [999, 499], 4: [999, 759, 499, 259], 8: [999, 879, 759, 639, 499, 379, 259, 139]}
+    for n, t in grids.items():
+        for name in ("lcm", "tcd"):
+            assert samplers.get_sigmas(name, n).timesteps.tolist() == t
+    assert samplers.get_sigmas("lcm", 4).sigmas[-1] == 0
+    assert samplers.get_sigmas("tcd", 4).sigmas[-1] == pytest.approx((0.00085 / (1 - 0.00085)) ** 0.5, rel=1e-4)  # beta_0 in float32
+    with pytest.raises(ValueError, match="steps must be at most 50 for LCM / TCD"):
+        samplers.get_sigmas("lcm", 51)
+    with pytest.raises(ValueError, match="schedule must be 'normal' for LCM / TCD"):
+        samplers.get_sigmas("tcd", 4, "karras")
