@@ -99,17 +99,17 @@ class Pipeline:
             out["y"] = y.repeat_interleave(n, 0).to(self.device, self.dtype)
         return out
 
-    def _unet_fn(self, x, t, context, y=None):
-        # Latents stay fp32 in the sampler; the U-Net runs in the pipeline dtype.
+    def _unet_fn(self, x, t, context, y=None, **kw):
+        # Latents stay fp32 in the sampler; the U-Net runs in the pipeline dtype. kw: guidance (LCM-distilled)
         if self._compiled_unet is None:
             with speed.packed(self.unet, self.device, self.exact, self.offload):
-                return self.unet(x.to(self.dtype), t.to(x.device), context, y).float()
+                return self.unet(x.to(self.dtype), t.to(x.device), context, y, **kw).float()
         # inductor reads `freezing` from its global config when it compiles (first call, each new shape):
         # torch.compile(..., options={"freezing": True}) was measured not to freeze (slower than eager)
         from torch._inductor import config as inductor_config
 
         with inductor_config.patch(freezing=True):
-            return self._compiled_unet(x.to(self.dtype), t.to(x.device), context, y).float()
+            return self._compiled_unet(x.to(self.dtype), t.to(x.device), context, y, **kw).float()
 
     # --- generation ---------------------------------------------------------------------------------------
 
@@ -221,7 +221,9 @@ class Pipeline:
         model = Denoiser(self._unet_fn, self.alphas_cumprod, self.cfg.prediction_type)
         extra = {"cond": self._unet_cond(cond.context, cond.pooled, n, h, w), "guidance_scale": guidance_scale,
                  "guidance_rescale": guidance_rescale, "schedule": sched}
-        if guidance_scale > 1:
+        if self.cfg.unet.time_cond_proj_dim:  # LCM-distilled: the U-Net embeds w = guidance - 1, no uncond batch
+            extra["cond"]["guidance"] = torch.full((x.shape[0],), guidance_scale - 1.0, device=self.device)
+        elif guidance_scale > 1:
             extra["uncond"] = self._unet_cond(cond.uncond_context, cond.uncond_pooled, n, h, w)
         if c_concat is not None:
             extra["c_concat"] = c_concat

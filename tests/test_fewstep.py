@@ -69,3 +69,63 @@ def test_lcm_timesteps_and_errors():
         samplers.get_sigmas("lcm", 51)
     with pytest.raises(ValueError, match="schedule must be 'normal' for LCM / TCD"):
         samplers.get_sigmas("tcd", 4, "karras")
+
+
+# --- LCM-distilled U-Nets: the guidance-scale embedding (time_cond_proj_dim) -----------------------------------
+
+@pytest.fixture(scope="module")
+def lcm_files(tmp_path_factory):
+    """A tiny SD 1.x with a guidance embedding (width 16) as a diffusers folder and as a plain single file (no
+    latentdiff metadata: the config must come from the weights), plus diffusers' LatentConsistencyModelPipeline
+    on the same weights."""
+    from safetensors.torch import save_file
+
+    from latentdiff import weights
+    from latentdiff.config import PRESETS, with_guidance_embedding
+
+    d = tmp_path_factory.mktemp("lcm")
+    pipe = tiny_pipe(with_guidance_embedding(PRESETS["tiny-sd15"], 16))
+    folder = d / "folder"
+    pipe.save(folder, format="diffusers")
+    (folder / "latentdiff_config.json").unlink()  # read unet/config.json and the weights only
+    sd = weights.state_dict_of(pipe.cfg, {"unet": pipe.unet, "vae": pipe.vae, "text_encoders": pipe.text_encoders})
+    assert "model.diffusion_model.time_embedding.cond_proj.weight" in sd
+    save_file({k: v.detach().contiguous() for k, v in sd.items()}, d / "lcm.safetensors")
+    lpipe = diffusers.LatentConsistencyModelPipeline.from_pretrained(folder, local_files_only=True,
+                                                                      safety_checker=None, feature_extractor=None)
+    lpipe.scheduler = diffusers.LCMScheduler.from_config(lpipe.scheduler.config)
+    lpipe.set_progress_bar_config(disable=True)
+    return folder, d / "lcm.safetensors", lpipe
+
+
+@pytest.mark.parametrize("source", ["folder", "single_file"])
+def test_guidance_embedding_unet_matches_lcm_pipeline(lcm_files, source):
+    import latentdiff
+
+    folder, single, lpipe = lcm_files
+    pipe = latentdiff.load(folder if source == "folder" else single, dtype=torch.float32)
+    assert pipe.cfg.unet.time_cond_proj_dim == 16
+    assert (pipe.cfg.sampler, pipe.cfg.steps, pipe.cfg.guidance_scale) == ("lcm", 4, 8.5)  # LCM pipeline defaults
+    for guidance in (8.5, 1.0):
+        theirs = lpipe(PROMPT, num_inference_steps=4, guidance_scale=guidance, height=64, width=64,
+                       generator=torch.Generator("cpu").manual_seed(0), output_type="latent").images
+        ours = pipe(PROMPT, guidance_scale=guidance, seed=0, height=64, width=64, output="latent", progress=False)
+        assert rel_err(ours, theirs) < 1e-3, (guidance, rel_err(ours, theirs))
+
+
+def test_guidance_embedding_values_and_errors():
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+
+    from latentdiff.config import PRESETS, with_guidance_embedding
+    from latentdiff.models.unet import UNetModel, guidance_embedding
+
+    w = torch.tensor([0.0, 1.5, 7.5])
+    for dim in (16, 17, 256):
+        theirs = StableDiffusionPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim)
+        assert torch.allclose(guidance_embedding(w, dim), theirs, atol=1e-6, rtol=0), dim
+    unet = UNetModel(with_guidance_embedding(PRESETS["tiny-sd15"], 16).unet)
+    x, t, ctx = torch.zeros(1, 4, 8, 8), torch.tensor([999.0]), torch.zeros(1, 77, 32)
+    with pytest.raises(ValueError, match="guidance must be given exactly when time_cond_proj_dim > 0"):
+        unet(x, t, ctx)
+    with pytest.raises(ValueError, match="guidance must be given exactly when time_cond_proj_dim > 0"):
+        UNetModel(PRESETS["tiny-sd15"].unet)(x, t, ctx, guidance=torch.tensor([1.0]))
