@@ -129,3 +129,26 @@ def test_guidance_embedding_values_and_errors():
         unet(x, t, ctx)
     with pytest.raises(ValueError, match="guidance must be given exactly when time_cond_proj_dim > 0"):
         UNetModel(PRESETS["tiny-sd15"].unet)(x, t, ctx, guidance=torch.tensor([1.0]))
+
+
+# --- LCM-LoRA: an ordinary LoRA file on a regular model, then the lcm sampler ---------------------------------
+
+@pytest.mark.parametrize("guidance", [1.0, 2.0], ids=["nocfg", "cfg2"])
+def test_lcm_lora_matches_diffusers(tmp_path, guidance):
+    import safetensors.torch
+
+    import lora_files as lf
+
+    pipe = tiny_pipe("tiny-sd15")
+    d = diffusers_twin(pipe, tmp_path / "d")
+    d.set_progress_bar_config(disable=True)
+    d.scheduler = diffusers.LCMScheduler.from_config(d.scheduler.config)
+    # LCM-LoRA (latent-consistency/lcm-lora-sdv1-5) is U-Net only: kohya names, attention, resnets, samplers
+    sd = lf.kohya(lf.unet_locon_modules(d.unet), "lora_unet_", torch.Generator().manual_seed(0))
+    safetensors.torch.save_file(sd, str(tmp_path / "lcm-lora.safetensors"))
+    base, _ = _both(pipe, d, 4, guidance, "lcm")
+    assert pipe.load_lora(tmp_path / "lcm-lora.safetensors") == "lcm-lora"
+    d.load_lora_weights(str(tmp_path / "lcm-lora.safetensors"), adapter_name="lcm")
+    ours, theirs = _both(pipe, d, 4, guidance, "lcm")
+    assert rel_err(base, theirs) > 5e-2  # the LoRA matters
+    assert rel_err(ours, theirs) < 1e-3, rel_err(ours, theirs)
