@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from . import speed
+from . import fewstep, speed
 from .adapters.active import ActiveAdapters, untagged
 from .adapters.embeddings import check, load_dir, read_embedding
 from .config import ModelConfig
@@ -116,7 +116,8 @@ class Pipeline:
     def __call__(self, prompt: str | list[str], **kw):
         """Text to image. Keywords (all optional): guidance_scale, steps, negative_prompt, seed (None = random,
         see `last_seed`), sampler, schedule ("normal" | "karras" | "exponential"), timestep_spacing, height, width,
-        num_images (per prompt), output ("pil" | "latent"), guidance_rescale, clip_skip, callback, progress.
+        num_images (per prompt), output ("pil" | "latent"), guidance_rescale, clip_skip, callback, progress,
+        decoder ("vae" | "taesd": a loaded TAESD decoder instead of the VAE, see latentdiff/fewstep.py).
         Returns a list of PIL images, or the final latents (B, 4, H/f, W/f), not divided by the VAE scaling
         factor, with output="latent". callback(step, sigma, latents) runs after every step."""
         return self._generate(prompt, **kw)
@@ -149,7 +150,7 @@ class Pipeline:
     def _images(self, prompt, *, written, image=None, mask=None, strength=1.0, guidance_scale=None, steps=None,
                 negative_prompt=None, seed=0, sampler=None, schedule="normal", timestep_spacing=None, height=None,
                 width=None, num_images=1, output="pil", guidance_rescale=0.0, clip_skip=None, callback=None,
-                progress=True):
+                progress=True, decoder="vae"):
         guidance_scale = self.cfg.guidance_scale if guidance_scale is None else guidance_scale
         steps = self.cfg.steps if steps is None else steps
         sampler = sampler or self.cfg.sampler
@@ -160,6 +161,7 @@ class Pipeline:
         self._check_args(steps=steps, sampler=sampler, height=height, width=width, num_images=num_images,
                          output=output, guidance_scale=guidance_scale, timestep_spacing=timestep_spacing,
                          strength=strength)
+        fewstep.check_decoder(decoder, self.preview_decoder, self.source or self.cfg.name)
         seed = self._seed(seed)
         timestep_spacing = timestep_spacing or self.cfg.timestep_spacing
         cond = self.encode_prompt(prompt, negative_prompt, clip_skip)
@@ -208,7 +210,7 @@ class Pipeline:
             params["lora_hashes"] = lora_hashes
         if image is not None:
             params["strength"] = strength
-        return self.decode(latents, params)
+        return self.decode(latents, params, decoder)
 
     def _encode_image(self, image: torch.Tensor, generator) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, h, w), a posterior sample as diffusers draws it."""
@@ -234,10 +236,15 @@ class Pipeline:
             return samplers.sample(sampler, model, x, sched, extra, callback=step_cb, generator=generator,
                                    disable=not progress, x0=x0)
 
-    def decode(self, latents: torch.Tensor, params: dict | None = None) -> list[Image.Image]:
+    def decode(self, latents: torch.Tensor, params: dict | None = None, decoder: str = "vae") -> list[Image.Image]:
         """Latents (B, 4, h, w), as the sampler returns them -> PIL images. Latents larger than
         `tile_decode_above` on a side decode in overlapping tiles (the full decode's activations of a 2048 px
-        image take tens of GB). A half-precision decode that overflows is redone in fp32 with a warning."""
+        image take tens of GB). A half-precision decode that overflows is redone in fp32 with a warning.
+        decoder="taesd": the loaded TAESD decoder (load_preview) instead of the VAE, faster and coarser
+        (latentdiff/fewstep.py)."""
+        if decoder != "vae":
+            fewstep.check_decoder(decoder, self.preview_decoder, self.source or self.cfg.name)
+            return self._with_params(self.preview(latents), params)
         z = latents.to(self.device) / self.cfg.vae.scaling_factor
         tiled = max(z.shape[-2:]) > self.tile_decode_above
 
@@ -252,7 +259,9 @@ class Pipeline:
                 speed.unpack_conv_weights(self.vae)
                 img = run(self.vae.float(), z.float())
                 self.vae.to(self.dtype)
-        images = to_pil(img)
+        return self._with_params(to_pil(img), params)
+
+    def _with_params(self, images: list[Image.Image], params: dict | None) -> list[Image.Image]:
         if params is not None:
             for im in images:
                 im.info["parameters"] = format_parameters(params, self.source or self.cfg.name)

@@ -152,3 +152,87 @@ def test_lcm_lora_matches_diffusers(tmp_path, guidance):
     ours, theirs = _both(pipe, d, 4, guidance, "lcm")
     assert rel_err(base, theirs) > 5e-2  # the LoRA matters
     assert rel_err(ours, theirs) < 1e-3, rel_err(ours, theirs)
+
+
+# --- TAESD as the final decoder, presets -------------------------------------------------------------------------
+
+def _taesd_file(path):
+    """diffusers' AutoencoderTiny with seeded weights, and its decoder as a released taesd_decoder.safetensors."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    tiny = diffusers.AutoencoderTiny().eval()
+    for p in tiny.parameters():
+        p.data.normal_(0, 0.05)
+    save_file({f"{int(k.split('.')[2]) + 1}.{k.split('.', 3)[3]}": v.contiguous()  # decoder.layers.N.x -> N+1.x
+               for k, v in tiny.state_dict().items() if k.startswith("decoder.")}, str(path))
+    return tiny
+
+
+def test_taesd_final_decode_matches_diffusers_autoencoder_tiny(pair, tmp_path):
+    import numpy as np
+
+    pipe, dpipe, config = pair
+    tiny = _taesd_file(tmp_path / "taesd_decoder.safetensors")
+    pipe.load_preview(tmp_path / "taesd_decoder.safetensors")
+    vae, dpipe.vae = dpipe.vae, tiny  # diffusers' pipelines take AutoencoderTiny as their vae (scaling factor 1)
+    try:
+        dpipe.scheduler = diffusers.LCMScheduler.from_config(config)
+        theirs = dpipe(PROMPT, num_inference_steps=2, guidance_scale=1.0, height=64, width=64,
+                       generator=torch.Generator("cpu").manual_seed(0), output_type="np").images
+    finally:
+        dpipe.vae = vae
+    kw = dict(guidance_scale=1.0, steps=2, seed=0, sampler="lcm", height=64, width=64, progress=False)
+    ours = pipe(PROMPT, decoder="taesd", **kw)
+    got = np.asarray(ours[0]).astype(int)
+    assert np.abs(got - (theirs[0] * 255).round()).max() <= 1  # uint8 rounding
+    assert "Steps: 2, Sampler: lcm" in ours[0].info["parameters"]
+    assert not np.array_equal(got, np.asarray(pipe(PROMPT, **kw)[0]))  # the VAE's image is another one
+
+
+def test_taesd_decoder_errors_before_sampling(tmp_path):
+    from latentdiff.models.preview import PreviewConfig, PreviewDecoder
+
+    pipe, calls = tiny_pipe("tiny-sd15"), []
+    kw = dict(steps=2, progress=False, callback=lambda *a: calls.append(a))
+    with pytest.raises(ValueError, match=r"decoder='taesd' needs a TAESD decoder loaded for tiny-sd15 \(random\) \(loaded: "
+                                         r"none\): call pipe.load_preview\('taesd_decoder.safetensors'\)"):
+        pipe(PROMPT, decoder="taesd", **kw)
+    pipe.preview_decoder = PreviewDecoder(PreviewConfig())
+    with pytest.raises(ValueError, match=r"loaded: a PreviewDecoder \(not TAESD\)"):
+        pipe(PROMPT, decoder="taesd", **kw)
+    with pytest.raises(ValueError, match=r"decoder must be one of \('vae', 'taesd'\), got 'tiny'"):
+        pipe(PROMPT, decoder="tiny", **kw)
+    assert calls == []  # nothing was sampled
+
+
+def test_cli_presets_fill_unset_options_and_decoder_taesd(tmp_path):
+    from PIL import Image
+
+    from latentdiff import cli
+    from latentdiff.images import parse_parameters
+
+    def run(*args):
+        out = tmp_path / "o.png"
+        cli.main(["generate", "a cat", "--random-preset", "tiny-sd15", "-o", str(out), "-q", *args])
+        return parse_parameters(Image.open(out).info["parameters"])
+
+    p = run("--preset", "turbo")
+    assert (p["steps"], p["sampler"], p["guidance_scale"]) == (1, "euler_a", 0.0)
+    p = run("--preset", "lightning", "--steps", "2", "--cfg", "1.5")  # given options win
+    assert (p["steps"], p["sampler"], p["guidance_scale"]) == (2, "euler", 1.5)
+    _taesd_file(tmp_path / "taesd_decoder.safetensors")
+    p = run("--preset", "lcm", "--decoder", "taesd", "--taesd", str(tmp_path / "taesd_decoder.safetensors"))
+    assert (p["steps"], p["sampler"], p["guidance_scale"]) == (4, "lcm", 1.0)
+    with pytest.raises(SystemExit, match="decoder='taesd' needs a TAESD decoder"):
+        run("--decoder", "taesd")
+
+
+def test_lcm_preset_keeps_a_distilled_models_guidance():
+    from latentdiff.config import PRESETS, with_guidance_embedding
+    from latentdiff.fewstep import preset_settings
+
+    assert preset_settings("lcm", PRESETS["tiny-sd15"])["guidance_scale"] == 1.0  # LCM-LoRA: no CFG
+    assert preset_settings("lcm", with_guidance_embedding(PRESETS["tiny-sd15"], 16))["guidance_scale"] == 8.5
+    with pytest.raises(ValueError, match="preset must be one of"):
+        preset_settings("hyper", PRESETS["tiny-sd15"])
