@@ -1,8 +1,8 @@
 """Few-step generation: the settings each distilled model family wants, and TAESD as the final decoder.
 
 With 1-8 U-Net steps the VAE decode is the largest single cost of an image (about 2.5 TFLOP at 512 px, three SD
-1.5 U-Net steps); TAESD's decoder (github.com/madebyollin/taesd) does it for about 1/20 of that, at a lower
-fidelity (benchmarks/README.md, "Few-step generation", has its PSNR against the VAE and the times).
+1.5 U-Net steps); TAESD's decoder (github.com/madebyollin/taesd) does it in about 0.14 TFLOP, at a lower
+fidelity (benchmarks/README.md, "Few-step generation", has the times).
 
 Settings per family (model cards; the samplers reproduce the diffusers schedulers named, tests/test_fewstep.py):
 
