@@ -2,21 +2,20 @@
 run, for LCM 4 steps with the VAE decode, LCM 4 steps with a TAESD decode, and 1-step Turbo-style (euler_a,
 trailing, guidance 0), then the ratios latentdiff / diffusers and, for the TAESD path, image time / U-Net time.
 
-    python benchmarks/bench_fewstep.py [--size 512] [--repeats 1] [--ours-dtype auto] [--diffusers-dtype fp32]
+    python benchmarks/bench_fewstep.py [--size 512] [--repeats 2] [--ours-dtype auto] [--diffusers-dtype fp32]
 
 The model is bench_vs_diffusers.py's random SD 1.5 (fp16 single file and the same weights as a diffusers folder,
 written once to its cache, shared with bench_lora.py); the TAESD decoder is diffusers' AutoencoderTiny with its
 seeded default init (latentdiff reads its decoder in TAESD's released layout). Guidance 1 for LCM (LCM-LoRA's
-setting: no CFG pass), 0 for Turbo. Each library runs in its own process, alternating per repeat; each loads,
-makes two untimed 1-step warm-up images (VAE and TAESD decode), then the timed images. The machine may be shared and noisy:
-medians of the repeats; compare ratios from the same run only.
+setting: no CFG pass), 0 for Turbo. Both libraries are loaded in one process and make two untimed 1-step warm-up
+images each (VAE and TAESD decode); then, in rounds, every configuration runs in latentdiff and right after in
+diffusers, so the drift of a shared, noisy machine hits both alike. Medians of the rounds; compare ratios from the
+same run only.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -51,94 +50,81 @@ def write_weights() -> None:
                    for k, v in tiny.state_dict().items() if k.startswith("decoder.")}, str(TAESD_FILE))
 
 
-def worker(side: str, dtype_name: str, size: int) -> dict:
+def load(side: str, dtype_name: str, size: int):
+    """-> (generate(sampler, steps, guidance, spacing, decoder) -> PIL image, the U-Net module, dtype name)."""
     import torch
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    t0 = time.perf_counter()
     if side == "ours":
         import latentdiff
 
         pipe = latentdiff.load(SINGLE, dtype=None if dtype_name == "auto" else dtypes[dtype_name])
         pipe.load_preview(TAESD_FILE)
-        dtype, unet = pipe.dtype, pipe.unet
 
         def generate(sampler, steps, guidance, spacing, decoder):
             return pipe(PROMPT, sampler=sampler, steps=steps, guidance_scale=guidance, timestep_spacing=spacing,
                         decoder=decoder, height=size, width=size, seed=0, progress=False)[0]
-    else:
-        import diffusers
+        return generate, pipe.unet, str(pipe.dtype).removeprefix("torch.")
+    import diffusers
 
-        dtype = torch.float32 if dtype_name == "auto" else dtypes[dtype_name]
-        pipe = diffusers.StableDiffusionPipeline.from_pretrained(FOLDER, torch_dtype=dtype, safety_checker=None,
-                                                                 local_files_only=True)
-        vae = pipe.vae
-        tiny = diffusers.AutoencoderTiny.from_pretrained(TAESD_FOLDER, torch_dtype=dtype)
-        config = pipe.scheduler.config
-        pipe.set_progress_bar_config(disable=True)
-        unet = pipe.unet
+    dtype = torch.float32 if dtype_name == "auto" else dtypes[dtype_name]
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(FOLDER, torch_dtype=dtype, safety_checker=None,
+                                                             local_files_only=True)
+    vae, tiny = pipe.vae, diffusers.AutoencoderTiny.from_pretrained(TAESD_FOLDER, torch_dtype=dtype)
+    config = pipe.scheduler.config
+    pipe.set_progress_bar_config(disable=True)
 
-        def generate(sampler, steps, guidance, spacing, decoder):
-            if sampler == "lcm":
-                pipe.scheduler = diffusers.LCMScheduler.from_config(config)
-            else:
-                pipe.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(config, timestep_spacing=spacing)
-            pipe.vae = tiny if decoder == "taesd" else vae
-            return pipe(PROMPT, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
-                        generator=torch.Generator("cpu").manual_seed(0)).images[0]
-    load_s = time.perf_counter() - t0
-    timer = UNetTimer(unet)
-    for decoder in ("vae", "taesd"):  # warm-up, every shape once: oneDNN picks kernels, our convs are packed
-        generate("euler_a", 1, 0.0, "trailing", decoder)
-    out = {"load_s": load_s, "dtype": str(dtype).removeprefix("torch.")}
-    for name, args in CONFIGS.items():
-        timer.total, timer.calls = 0.0, 0
-        t0 = time.perf_counter()
-        generate(*args)
-        out[name] = {"image_s": time.perf_counter() - t0, "unet_s": timer.total, "unet_calls": timer.calls}
-    return out
+    def generate(sampler, steps, guidance, spacing, decoder):
+        if sampler == "lcm":
+            pipe.scheduler = diffusers.LCMScheduler.from_config(config)
+        else:
+            pipe.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(config, timestep_spacing=spacing)
+        pipe.vae = tiny if decoder == "taesd" else vae
+        return pipe(PROMPT, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+                    generator=torch.Generator("cpu").manual_seed(0)).images[0]
+    return generate, pipe.unet, str(dtype).removeprefix("torch.")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--repeats", type=int, default=1, help="A B pairs")
+    ap.add_argument("--repeats", type=int, default=2, help="rounds of every configuration, ours then diffusers")
     ap.add_argument("--ours-dtype", default="auto", choices=["auto", "fp32", "bf16"],
                     help="auto = latentdiff.load's default (bf16 where native, else fp32; packed convs)")
     ap.add_argument("--diffusers-dtype", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--worker", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
-    ap.add_argument("--dtype", help=argparse.SUPPRESS)
     a = ap.parse_args()
-    if a.worker:
-        print(json.dumps(worker(a.worker, a.dtype, a.size)))
-        return
-    write_weights()
-    runs = {"ours": [], "diffusers": []}
-    for r in range(a.repeats):
-        for side, dtype in (("ours", a.ours_dtype), ("diffusers", a.diffusers_dtype)):
-            res = subprocess.run([sys.executable, __file__, "--worker", side, "--dtype", dtype, "--size", str(a.size)],
-                                 capture_output=True, text=True)
-            if res.returncode:
-                raise SystemExit(f"{side} run failed:\n{res.stderr[-3000:]}")
-            runs[side].append(json.loads(res.stdout.strip().splitlines()[-1]))
-            print(f"repeat {r}: {side:9s} {runs[side][-1]['dtype']:9s} load {runs[side][-1]['load_s']:5.1f} s  "
-                  + "  ".join(f"{n} {runs[side][-1][n]['image_s']:6.1f} s" for n in CONFIGS), flush=True)
-
-    def med(side, name, key):
-        return statistics.median(r[name][key] for r in runs[side])
-
     import torch
 
+    write_weights()
+    sides = {"ours": load("ours", a.ours_dtype, a.size), "diffusers": load("diffusers", a.diffusers_dtype, a.size)}
+    timers = {side: UNetTimer(unet) for side, (_, unet, _) in sides.items()}
+    for side, (generate, _, _) in sides.items():
+        for decoder in ("vae", "taesd"):  # warm-up, every shape once: oneDNN picks kernels, our convs are packed
+            generate("euler_a", 1, 0.0, "trailing", decoder)
+    runs = {(side, name): [] for side in sides for name in CONFIGS}
+    for r in range(a.repeats):
+        for name, args in CONFIGS.items():
+            for side, (generate, _, _) in sides.items():
+                timer = timers[side]
+                timer.total, timer.calls = 0.0, 0
+                t0 = time.perf_counter()
+                generate(*args)
+                runs[side, name].append((time.perf_counter() - t0, timer.total))
+                print(f"round {r}: {name:11s} {side:9s} image {runs[side, name][-1][0]:6.1f} s  U-Net "
+                      f"{timer.total:6.1f} s", flush=True)
+
+    def med(side, name, i):
+        return statistics.median(x[i] for x in runs[side, name])
+
     print(f"\nSD 1.5 architecture (random weights), {a.size} x {a.size}, {torch.get_num_threads()} threads, "
-          f"{torch.backends.cpu.get_cpu_capability()}; ours {runs['ours'][0]['dtype']}, diffusers "
-          f"{runs['diffusers'][0]['dtype']}; medians of {a.repeats}")
+          f"{torch.backends.cpu.get_cpu_capability()}; ours {sides['ours'][2]}, diffusers {sides['diffusers'][2]}; "
+          f"medians of {a.repeats} rounds")
     print("image s and U-Net s (the time inside the U-Net's forward); img/U-Net = image time / U-Net time")
-    print("{:<12}{:>9}{:>9}{:>8}{:>12}{:>12}{:>16}{:>16}".format(
+    print("{:<12}{:>9}{:>11}{:>8}{:>12}{:>13}{:>16}{:>17}".format(
         "config", "ours", "diffusers", "ratio", "ours U-Net", "diff. U-Net", "ours img/U-Net", "diff. img/U-Net"))
     for name in CONFIGS:
-        o, d = med("ours", name, "image_s"), med("diffusers", name, "image_s")
-        ou, du = med("ours", name, "unet_s"), med("diffusers", name, "unet_s")
-        print("{:<12}{:>9.1f}{:>9.1f}{:>7.2f}x{:>12.1f}{:>12.1f}{:>15.2f}x{:>15.2f}x".format(
+        o, d, ou, du = med("ours", name, 0), med("diffusers", name, 0), med("ours", name, 1), med("diffusers", name, 1)
+        print("{:<12}{:>9.1f}{:>11.1f}{:>7.2f}x{:>12.1f}{:>13.1f}{:>15.2f}x{:>16.2f}x".format(
             name, o, d, o / d, ou, du, o / ou, d / du))
 
 

@@ -10,6 +10,7 @@ import sys
 
 import torch
 
+from . import fewstep
 from .speed import DTYPES
 
 DEFAULTS = {"seed": 0, "schedule": "normal", "num_images": 1, "guidance_rescale": 0.0}
@@ -32,12 +33,10 @@ def _pipe(a, device):
     if a.taesd:
         pipe.load_preview(a.taesd)
     if a.preset:  # fills what the command line leaves unset
-        from .fewstep import preset_settings
-
         for arg, key in (("steps", "steps"), ("cfg", "guidance_scale"), ("sampler", "sampler"),
                          ("spacing", "timestep_spacing")):
             if getattr(a, arg) is None:
-                setattr(a, arg, preset_settings(a.preset, pipe.cfg)[key])
+                setattr(a, arg, fewstep.preset_settings(a.preset, pipe.cfg)[key])
     return pipe
 
 
@@ -196,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="merge a LoRA (file or name in --lora-dir) for this run; repeatable")
     g.add_argument("--lora-dir", default=None, help="where <lora:NAME:W> prompt tags look (default: loras/)")
     g.add_argument("--embeddings-dir", default=None, help="textual-inversion files usable by name in prompts")
-    g.add_argument("--preset", choices=["lcm", "turbo", "lightning"], default=None,
+    g.add_argument("--preset", choices=sorted(fewstep.SETTINGS), default=None,
                    help="few-step settings (steps, --cfg, --sampler, --spacing; those given still win): lcm = LCM / "
                         "LCM-LoRA / TCD models, turbo = SD(XL)-Turbo, lightning = SDXL-Lightning 4-step")
     g.add_argument("--decoder", choices=["vae", "taesd"], default=None,

@@ -20,7 +20,7 @@ from __future__ import annotations
 from .config import ModelConfig
 from .models.preview import TAESDDecoder
 
-PRESETS: dict[str, dict] = {
+SETTINGS: dict[str, dict] = {  # --preset NAME
     "lcm": dict(sampler="lcm", steps=4, guidance_scale=1.0, timestep_spacing=None),
     "turbo": dict(sampler="euler_a", steps=1, guidance_scale=0.0, timestep_spacing="trailing"),
     "lightning": dict(sampler="euler", steps=4, guidance_scale=0.0, timestep_spacing="trailing"),
@@ -31,9 +31,9 @@ DECODERS = ("vae", "taesd")
 def preset_settings(name: str, cfg: ModelConfig) -> dict:
     """Pipeline keywords of preset `name` for a model of config `cfg` (an LCM-distilled U-Net, one with a
     guidance embedding, keeps its own guidance default)."""
-    if name not in PRESETS:
-        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
-    kw = dict(PRESETS[name])
+    if name not in SETTINGS:
+        raise ValueError(f"preset must be one of {sorted(SETTINGS)}, got {name!r}")
+    kw = dict(SETTINGS[name])
     if name == "lcm" and cfg.unet.time_cond_proj_dim:
         kw["guidance_scale"] = cfg.guidance_scale
     return kw

@@ -244,6 +244,7 @@ class Pipeline:
         (latentdiff/fewstep.py)."""
         if decoder != "vae":
             fewstep.check_decoder(decoder, self.preview_decoder, self.source or self.cfg.name)
+            self.preview_decoder.to(self.device)  # fp32, where the pipeline runs (on the CPU it would trail a GPU VAE)
             return self._with_params(self.preview(latents), params)
         z = latents.to(self.device) / self.cfg.vae.scaling_factor
         tiled = max(z.shape[-2:]) > self.tile_decode_above
@@ -351,7 +352,8 @@ class Pipeline:
                                "`python -m latentdiff.train.preview` or take a released TAESD decoder "
                                "(taesd_decoder.safetensors), and call pipe.load_preview(path)")
         with torch.inference_mode():
-            return to_pil(self.preview_decoder(latents.detach().float().cpu()))
+            where = next(self.preview_decoder.parameters()).device  # the CPU, or the pipeline's device after a decode
+            return to_pil(self.preview_decoder(latents.detach().float().to(where)))
 
     # --- helpers ------------------------------------------------------------------------------------------
 

@@ -8,7 +8,8 @@ so a CPU generator seeded like diffusers' pipeline gives the same latents. callb
 DDIM / DDPM / PNDM / UniPC / DPM-Solver are rewritten from alphas to sigmas with alphas_cumprod = 1/(1+sigma^2).
 
 ``SAMPLERS`` at the end is the one sampler table (function, schedule family, A1111 label): a new sampler is its
-function plus one row there.
+function plus one row there. LCM / TCD (family "lcm") also take ``schedule=``, the Schedule being sampled: their
+steps depend on its integer timesteps, not only on the sigmas.
 """
 from __future__ import annotations
 

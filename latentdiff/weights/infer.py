@@ -206,7 +206,7 @@ def match_preset(cfg: ModelConfig, vae: bool = True) -> ModelConfig | None:
     embedding; None if no preset has them."""
     view = _weights_view(cfg, vae)
     for preset in PRESETS.values():
-        if _weights_view(preset, vae) == view and not preset.unet.time_cond_proj_dim:
+        if _weights_view(preset, vae) == view:
             if cfg.unet.time_cond_proj_dim:
                 return with_guidance_embedding(match_preset(replace(cfg, unet=replace(
                     cfg.unet, time_cond_proj_dim=0)), vae), cfg.unet.time_cond_proj_dim)
