@@ -10,6 +10,7 @@ import sys
 
 import torch
 
+from . import fewstep
 from .speed import DTYPES
 
 DEFAULTS = {"seed": 0, "schedule": "normal", "num_images": 1, "guidance_rescale": 0.0}
@@ -21,13 +22,21 @@ def _pipe(a, device):
     if a.random_preset:
         print(f"note: using the '{a.random_preset}' preset with RANDOM weights (no trained model given): "
               "the image is noise-like, this only exercises the pipeline", file=sys.stderr)
-        return latentdiff.from_config(a.random_preset, device=device, dtype=DTYPES[a.dtype] if a.dtype else None)
-    pipe = latentdiff.load(a.model, device=device, dtype=DTYPES[a.dtype] if a.dtype else None,
-                           prediction_type=a.prediction_type, config=a.config, vae=a.vae, lora_dir=a.lora_dir,
-                           embeddings_dir=a.embeddings_dir)
-    for spec in a.lora:
-        path, weight = _lora_spec(spec, pipe.adapters.lora_dirs)
-        pipe.load_lora(path, weight)
+        pipe = latentdiff.from_config(a.random_preset, device=device, dtype=DTYPES[a.dtype] if a.dtype else None)
+    else:
+        pipe = latentdiff.load(a.model, device=device, dtype=DTYPES[a.dtype] if a.dtype else None,
+                               prediction_type=a.prediction_type, config=a.config, vae=a.vae, lora_dir=a.lora_dir,
+                               embeddings_dir=a.embeddings_dir)
+        for spec in a.lora:
+            path, weight = _lora_spec(spec, pipe.adapters.lora_dirs)
+            pipe.load_lora(path, weight)
+    if a.taesd:
+        pipe.load_preview(a.taesd)
+    if a.preset:  # fills what the command line leaves unset
+        for arg, key in (("steps", "steps"), ("cfg", "guidance_scale"), ("sampler", "sampler"),
+                         ("spacing", "timestep_spacing")):
+            if getattr(a, arg) is None:
+                setattr(a, arg, fewstep.preset_settings(a.preset, pipe.cfg)[key])
     return pipe
 
 
@@ -45,10 +54,12 @@ def _generate(a) -> None:
         kw = {**kw, **read_png_parameters(a.from_png), **given}
     if not kw["prompt"]:
         raise ValueError("a prompt is required (or --from-png)")
-    if a.refiner and (a.init_image or a.controlnet):
-        raise ValueError("--refiner continues a plain text-to-image run; it does not take --init-image or "
-                         "--controlnet")
+    if a.refiner and (a.init_image or a.controlnet or a.decoder):
+        raise ValueError("--refiner continues a plain text-to-image run; it does not take --init-image, "
+                         "--controlnet or --decoder")
     kw.update(_control_kw(a))
+    if a.decoder:
+        kw["decoder"] = a.decoder
     if a.init_image:
         from PIL import Image
 
@@ -148,6 +159,8 @@ def _generate_many(a) -> None:
     if a.prompt or a.from_png or a.init_image or a.mask:
         raise ValueError("--prompts takes its prompts from the file: no prompt argument, --from-png, "
                          "--init-image or --mask with it")
+    if a.decoder:
+        raise ValueError("--decoder is for single images; --prompts decodes with the VAE")
     state = batch.process_state(a.device)
     if not state.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)  # model notes once, not once per process
@@ -227,6 +240,13 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--control-scale", type=float, default=None, help="ControlNet strength (default 1.0)")
     g.add_argument("--canny", action="store_true", help="make the control image a Canny edge map (low 100, "
                    "high 200; needs opencv-python-headless: pip install 'latentdiff[control]')")
+    g.add_argument("--preset", choices=sorted(fewstep.SETTINGS), default=None,
+                   help="few-step settings (steps, --cfg, --sampler, --spacing; those given still win): lcm = LCM / "
+                        "LCM-LoRA / TCD models, turbo = SD(XL)-Turbo, lightning = SDXL-Lightning 4-step")
+    g.add_argument("--decoder", choices=["vae", "taesd"], default=None,
+                   help="taesd: decode the final image with a TAESD decoder (--taesd FILE), faster, coarser")
+    g.add_argument("--taesd", default=None, metavar="FILE",
+                   help="taesd_decoder.safetensors (SD 1.x / 2.x) or taesdxl_decoder.safetensors (SDXL)")
     g.set_defaults(func=_generate)
 
     m = sub.add_parser("merge-lora", help="merge LoRAs into a model: merge-lora BASE LORA[:W] ... -o OUT")

@@ -32,6 +32,9 @@ class UNetConfig:
     context_dim: int = 768
     use_linear_in_transformer: bool = False  # SD1: 1x1 conv proj_in/out, SD2/SDXL: linear
     adm_in_channels: int = 0  # SDXL: 2816 (pooled 1280 + 6 x 256 Fourier features) into label_emb
+    # > 0: LCM-distilled U-Nets take a guidance-scale embedding of this width (diffusers' time_cond_proj_dim;
+    # LCM_Dreamshaper_v7: 256) instead of running classifier-free guidance
+    time_cond_proj_dim: int = 0
     norm_groups: int = 32
 
     def output_depths(self) -> tuple[int, ...]:
@@ -208,6 +211,13 @@ PRESETS: dict[str, ModelConfig] = {
 def with_inpainting(cfg: ModelConfig) -> ModelConfig:
     """The 9-input-channel inpainting twin of a config (SD 1.x / 2.x inpainting checkpoints)."""
     return replace(cfg, name=cfg.name + "-inpaint", unet=replace(cfg.unet, in_channels=9))
+
+
+def with_guidance_embedding(cfg: ModelConfig, dim: int) -> ModelConfig:
+    """An LCM-distilled twin of `cfg`: its U-Net embeds the guidance scale (width `dim`), and the generation
+    defaults are diffusers' LatentConsistencyModelPipeline's (lcm, 4 steps, guidance 8.5)."""
+    return replace(cfg, name=f"{cfg.name}-lcm", unet=replace(cfg.unet, time_cond_proj_dim=dim), sampler="lcm",
+                   steps=4, guidance_scale=8.5)
 
 
 def get_preset(name: str) -> ModelConfig:

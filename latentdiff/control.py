@@ -146,7 +146,7 @@ class Control:
         hints = [h.to(device, dtype) for h in self.hints]
         timesteps, n_steps = schedule.timesteps, len(schedule)
 
-        def fn(x, t, context, y=None):
+        def fn(x, t, context, y=None, **kw):  # kw: guidance (LCM-distilled U-Nets), passed on
             # step index: timesteps descend; a midpoint between steps i and i+1 counts as step i
             i = max(int((timesteps.to(t.device) >= t[0]).sum()) - 1, 0)
             down = mid = None
@@ -159,7 +159,8 @@ class Control:
                 else:
                     down = [a + b for a, b in zip(down, r_down)]
                     mid = None if mid is None else mid + r_mid
-            return unet_fn(x, t, context, y) if down is None else unet_fn(x, t, context, y, control=(down, mid))
+            return unet_fn(x, t, context, y, **kw) if down is None else unet_fn(x, t, context, y, control=(down, mid),
+                                                                                 **kw)
 
         return fn
 

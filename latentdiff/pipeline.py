@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from . import speed
+from . import fewstep, speed
 from .adapters.active import ActiveAdapters, untagged
 from .adapters.embeddings import check, load_dir, read_embedding
 from .config import ModelConfig
@@ -102,24 +102,26 @@ class Pipeline:
             out["y"] = y.repeat_interleave(n, 0).to(self.device, self.dtype)
         return out
 
-    def _unet_fn(self, x, t, context, y=None, control=None):
-        # Latents stay fp32 in the sampler; the U-Net runs in the pipeline dtype. control: ControlNet residuals
+    def _unet_fn(self, x, t, context, y=None, **kw):
+        # Latents stay fp32 in the sampler; the U-Net runs in the pipeline dtype. kw: control (ControlNet
+        # residuals), guidance (LCM-distilled)
         if self._compiled_unet is None:
             with speed.packed(self.unet, self.device, self.exact, self.offload):
-                return self.unet(x.to(self.dtype), t.to(x.device), context, y, control).float()
+                return self.unet(x.to(self.dtype), t.to(x.device), context, y, **kw).float()
         # inductor reads `freezing` from its global config when it compiles (first call, each new shape):
         # torch.compile(..., options={"freezing": True}) was measured not to freeze (slower than eager)
         from torch._inductor import config as inductor_config
 
         with inductor_config.patch(freezing=True):
-            return self._compiled_unet(x.to(self.dtype), t.to(x.device), context, y, control).float()
+            return self._compiled_unet(x.to(self.dtype), t.to(x.device), context, y, **kw).float()
 
     # --- generation ---------------------------------------------------------------------------------------
 
     def __call__(self, prompt: str | list[str], **kw):
         """Text to image. Keywords (all optional): guidance_scale, steps, negative_prompt, seed (None = random,
         see `last_seed`), sampler, schedule ("normal" | "karras" | "exponential"), timestep_spacing, height, width,
-        num_images (per prompt), output ("pil" | "latent"), guidance_rescale, clip_skip, callback, progress.
+        num_images (per prompt), output ("pil" | "latent"), guidance_rescale, clip_skip, callback, progress,
+        decoder ("vae" | "taesd": a loaded TAESD decoder instead of the VAE, see latentdiff/fewstep.py).
         Returns a list of PIL images, or the final latents (B, 4, H/f, W/f), not divided by the VAE scaling
         factor, with output="latent". callback(step, sigma, latents) runs after every step.
         Refiner handoff (diffusers' SDXL semantics): `denoising_end=0.8` with output="latent" stops at the step
@@ -163,7 +165,7 @@ class Pipeline:
                 width=None, num_images=1, output="pil", guidance_rescale=0.0, clip_skip=None, callback=None,
                 progress=True, denoising_start=None, denoising_end=None, aesthetic_score=6.0,
                 negative_aesthetic_score=2.5, controlnet=None, control_image=None, controlnet_scale=1.0,
-                control_start=0.0, control_end=1.0, guess_mode=False):
+                control_start=0.0, control_end=1.0, guess_mode=False, decoder="vae"):
         guidance_scale = self.cfg.guidance_scale if guidance_scale is None else guidance_scale
         control = None  # ControlNets (latentdiff/control.py), validated before anything runs
         if controlnet is not None:
@@ -192,6 +194,7 @@ class Pipeline:
         self._check_args(steps=steps, sampler=sampler, height=height, width=width, num_images=num_images,
                          output=output, guidance_scale=guidance_scale, timestep_spacing=timestep_spacing,
                          strength=strength)
+        fewstep.check_decoder(decoder, self.preview_decoder, self.source or self.cfg.name)
         seed = self._seed(seed)
         timestep_spacing = timestep_spacing or self.cfg.timestep_spacing
         cond = self.encode_prompt(prompt, negative_prompt, clip_skip)
@@ -252,7 +255,7 @@ class Pipeline:
             params["strength"] = strength
         if control is not None:
             params["controlnets"] = control.infotext()
-        return self.decode(latents, params)
+        return self.decode(latents, params, decoder)
 
     def _encode_image(self, image: torch.Tensor, generator) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, h, w), a posterior sample as diffusers draws it."""
@@ -267,7 +270,10 @@ class Pipeline:
         model = Denoiser(unet_fn, self.alphas_cumprod, self.cfg.prediction_type)
         extra = {"cond": self._unet_cond(cond.context, cond.pooled, n, h, w, scores[0]),
                  "guidance_scale": guidance_scale, "guidance_rescale": guidance_rescale, "schedule": sched}
-        if guidance_scale > 1:
+        if self.cfg.unet.time_cond_proj_dim:  # LCM-distilled: the U-Net embeds w = guidance - 1, no uncond batch
+            extra["cond"]["guidance"] = torch.full((cond.context.shape[0] * n,), guidance_scale - 1.0,
+                                              device=self.device)
+        elif guidance_scale > 1:
             extra["uncond"] = self._unet_cond(cond.uncond_context, cond.uncond_pooled, n, h, w, scores[1])
         if c_concat is not None:
             extra["c_concat"] = c_concat
@@ -278,10 +284,16 @@ class Pipeline:
             return samplers.sample(sampler, model, x, sched, extra, callback=step_cb, generator=generator,
                                    disable=not progress, x0=x0)
 
-    def decode(self, latents: torch.Tensor, params: dict | None = None) -> list[Image.Image]:
+    def decode(self, latents: torch.Tensor, params: dict | None = None, decoder: str = "vae") -> list[Image.Image]:
         """Latents (B, 4, h, w), as the sampler returns them -> PIL images. Latents larger than
         `tile_decode_above` on a side decode in overlapping tiles (the full decode's activations of a 2048 px
-        image take tens of GB). A half-precision decode that overflows is redone in fp32 with a warning."""
+        image take tens of GB). A half-precision decode that overflows is redone in fp32 with a warning.
+        decoder="taesd": the loaded TAESD decoder (load_preview) instead of the VAE, faster and coarser
+        (latentdiff/fewstep.py)."""
+        if decoder != "vae":
+            fewstep.check_decoder(decoder, self.preview_decoder, self.source or self.cfg.name)
+            self.preview_decoder.to(self.device)  # fp32, where the pipeline runs (on the CPU it would trail a GPU VAE)
+            return self._with_params(self.preview(latents), params)
         z = latents.to(self.device) / self.cfg.vae.scaling_factor
         tiled = max(z.shape[-2:]) > self.tile_decode_above
 
@@ -296,7 +308,9 @@ class Pipeline:
                 speed.unpack_conv_weights(self.vae)
                 img = run(self.vae.float(), z.float())
                 self.vae.to(self.dtype)
-        images = to_pil(img)
+        return self._with_params(to_pil(img), params)
+
+    def _with_params(self, images: list[Image.Image], params: dict | None) -> list[Image.Image]:
         if params is not None:
             for im in images:
                 im.info["parameters"] = format_parameters(params, self.source or self.cfg.name)
@@ -386,7 +400,8 @@ class Pipeline:
                                "`python -m latentdiff.train.preview` or take a released TAESD decoder "
                                "(taesd_decoder.safetensors), and call pipe.load_preview(path)")
         with torch.inference_mode():
-            return to_pil(self.preview_decoder(latents.detach().float().cpu()))
+            where = next(self.preview_decoder.parameters()).device  # the CPU, or the pipeline's device after a decode
+            return to_pil(self.preview_decoder(latents.detach().float().to(where)))
 
     # --- helpers ------------------------------------------------------------------------------------------
 

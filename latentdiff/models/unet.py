@@ -14,6 +14,8 @@ with ``load_state_dict(strict=True)`` after a prefix strip. Topology (ldm ``open
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -62,6 +64,16 @@ def size_numbers(h: int, w: int, refiner: bool = False, aesthetic_score: float =
     return [h, w, 0, 0, aesthetic_score] if refiner else [h, w, 0, 0, h, w]
 
 
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """The guidance-scale embedding of LCM-distilled U-Nets (Luo et al. 2023, sec. 4.2; VDM's
+    get_timestep_embedding, diffusers' get_guidance_scale_embedding): w (B,) = guidance_scale - 1, scaled by
+    1000, as [sin, cos] with frequencies 10000^(-i / (half - 1)); odd widths get a zero column. -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / (half - 1)))
+    emb = (w.float() * 1000.0)[:, None] * freqs.to(w.device)[None]  # (B, half)
+    return torch.nn.functional.pad(torch.cat([emb.sin(), emb.cos()], dim=1), (0, dim % 2))
+
+
 class UNetModel(nn.Module):
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -81,6 +93,11 @@ class UNetModel(nn.Module):
             return SpatialTransformer(ch, heads, dim_head, depth, cfg.context_dim, cfg.use_linear_in_transformer, g)
 
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if cfg.time_cond_proj_dim:
+            # LCM's guidance embedding, added to the sinusoidal t embedding before time_embed (diffusers'
+            # TimestepEmbedding.cond_proj). Original-layout files keep diffusers' name for it:
+            # model.diffusion_model.time_embedding.cond_proj.weight (stable-diffusion.cpp lists it so)
+            self.time_embedding = nn.ModuleDict({"cond_proj": nn.Linear(cfg.time_cond_proj_dim, mc, bias=False)})
         if cfg.adm_in_channels:
             self.label_emb = nn.Sequential(
                 nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -128,19 +145,28 @@ class UNetModel(nn.Module):
         nn.init.zeros_(self.out[2].bias)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                y: torch.Tensor | None = None, control: tuple[list, torch.Tensor | None] | None = None) -> torch.Tensor:
+                y: torch.Tensor | None = None, control: tuple[list, torch.Tensor | None] | None = None,
+                guidance: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, in_channels, h, w); timesteps (B,) float, may be fractional; context (B, L, context_dim);
         y (B, adm_in_channels) for SDXL (see ``sdxl_vector``). control: ControlNet residuals (one per skip,
         the middle block's), added to the skips and the middle-block output (cldm ControlledUnetModel,
-        diffusers' down/mid_block_additional_residual). Returns (B, out_channels, h, w)."""
+        diffusers' down/mid_block_additional_residual). guidance (B,) = guidance_scale - 1 for U-Nets with
+        time_cond_proj_dim (see ``guidance_embedding``). Returns (B, out_channels, h, w)."""
         factor = 2 ** (len(self.cfg.channel_mult) - 1)
         if x.shape[-2] % factor or x.shape[-1] % factor:
             raise ValueError(f"latent height and width must be multiples of {factor}, got {tuple(x.shape[-2:])}")
         if (y is not None) != bool(self.cfg.adm_in_channels):
             raise ValueError(f"y must be given exactly when adm_in_channels > 0 "
                              f"(adm_in_channels={self.cfg.adm_in_channels}, y given: {y is not None})")
+        if (guidance is not None) != bool(self.cfg.time_cond_proj_dim):
+            raise ValueError(f"guidance must be given exactly when time_cond_proj_dim > 0 (time_cond_proj_dim="
+                             f"{self.cfg.time_cond_proj_dim}, guidance given: {guidance is not None})")
         t = timesteps.expand(x.shape[0]) if timesteps.ndim == 0 else timesteps
-        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(x.dtype))  # (B, 4*C0)
+        t_emb = timestep_embedding(t, self.cfg.model_channels).to(x.dtype)  # (B, C0)
+        if guidance is not None:
+            w = guidance_embedding(guidance.reshape(-1).expand(x.shape[0]), self.cfg.time_cond_proj_dim)
+            t_emb = t_emb + self.time_embedding["cond_proj"](w.to(x.dtype))
+        emb = self.time_embed(t_emb)  # (B, 4*C0)
         if y is not None:
             emb = emb + self.label_emb(y.to(x.dtype))
 

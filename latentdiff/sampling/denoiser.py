@@ -37,8 +37,9 @@ class Denoiser:
                  schedule: Schedule | None = None) -> torch.Tensor:
         """x (B, C, h, w) at noise level sigma (scalar or (B,)) -> x0 (B, C, h, w).
 
-        cond / uncond: {"context": (B, L, D), optionally "y": (B, adm)}. With guidance_scale > 1 and an uncond,
-        one batch [uncond, cond] runs (diffusers' order). c_concat (B, 5, h, w) (inpainting: mask + masked-image
+        cond / uncond: {"context": (B, L, D), optionally "y": (B, adm), "guidance": (B,) (the guidance-scale
+        embedding's w of LCM-distilled U-Nets, passed on as the unet's ``guidance=``; give no uncond then)}. With
+        guidance_scale > 1 and an uncond, one batch [uncond, cond] runs (diffusers' order). c_concat (B, 5, h, w) (inpainting: mask + masked-image
         latent) is appended to the scaled input. schedule: the Schedule being sampled, so t is exactly diffusers'
         (``samplers.sample`` passes it).
         """
@@ -56,6 +57,8 @@ class Denoiser:
             out = out_u + guidance_scale * (out_c - out_u)
             if guidance_rescale > 0:
                 out = rescale_guidance(out, out_c, guidance_rescale)
+        elif "guidance" in cond:
+            out = self.unet(x_in, t, cond["context"], cond.get("y"), guidance=cond["guidance"])
         else:
             out = self.unet(x_in, t, cond["context"], cond.get("y"))
         if self.prediction_type == "epsilon":

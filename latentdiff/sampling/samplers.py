@@ -8,7 +8,8 @@ so a CPU generator seeded like diffusers' pipeline gives the same latents. callb
 DDIM / DDPM / PNDM / UniPC / DPM-Solver are rewritten from alphas to sigmas with alphas_cumprod = 1/(1+sigma^2).
 
 ``SAMPLERS`` at the end is the one sampler table (function, schedule family, A1111 label): a new sampler is its
-function plus one row there.
+function plus one row there. LCM / TCD (family "lcm") also take ``schedule=``, the Schedule being sampled: their
+steps depend on its integer timesteps, not only on the sigmas.
 """
 from __future__ import annotations
 
@@ -368,15 +369,65 @@ def sample_pndm(model, x, sigmas, extra_args=None, callback=None, generator=None
     return _vp_out(x, sigmas)
 
 
+# --- consistency-distilled samplers (integer timesteps of the distillation grid, schedules "lcm" family) -------
+
+def _lcm_scalings(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """LCM's boundary-condition scalings c_skip, c_out at the integer timestep t (Song et al. 2023, sec. 3.1 with
+    sigma_data 0.5; Luo et al. 2023 scale t by 10 so that c_skip ~ 0 and c_out ~ 1 at every grid step, as in
+    diffusers' get_scalings_for_boundary_condition_discrete, timestep_scaling 10)."""
+    sigma_data, st = 0.5, t * 10.0
+    return sigma_data**2 / (st**2 + sigma_data**2), st / (st**2 + sigma_data**2) ** 0.5
+
+
+@torch.no_grad()
+def sample_lcm(model, x, sigmas, extra_args=None, callback=None, generator=None, disable=None, schedule=None):
+    """Multistep latent consistency sampling (Luo et al. 2023, "Latent Consistency Models", Alg. 3): the
+    consistency function f = c_skip(t) x_vp + c_out(t) x0, then fresh noise up to the next sigma (none after the
+    last step). = LCMScheduler. ``schedule`` gives the integer timesteps t the scalings need."""
+    extra_args, s_in = _setup(x, extra_args)
+    for i in trange(len(sigmas) - 1, disable=disable):
+        x0 = model(x, sigmas[i] * s_in, **extra_args)
+        c_skip, c_out = _lcm_scalings(schedule.timesteps[i].to(x.device))
+        denoised = c_out * x0 + c_skip * x / (sigmas[i] ** 2 + 1) ** 0.5  # the scalings act on the VP sample
+        _report(callback, i, sigmas[i], x, denoised)
+        x = denoised
+        if i < len(sigmas) - 2:
+            x = x + _randn(x, generator) * sigmas[i + 1]  # VP sqrt(a') x0 + sqrt(1 - a') z, divided by sqrt(a')
+    return x
+
+
+@torch.no_grad()
+def sample_tcd(model, x, sigmas, extra_args=None, callback=None, generator=None, disable=None, schedule=None,
+               eta=0.3):
+    """Trajectory consistency distillation's strategic stochastic sampling (Zheng et al. 2024, "TCD", Alg. 4;
+    gamma = eta): from t jump along the trajectory to s = floor((1 - eta) t_prev) with the predicted x0 and eps,
+    then noise forward from s to t_prev (not on the last step, whose s is 0). eta 0 is deterministic (DDIM on the
+    LCM grid). = TCDScheduler.step(eta=0.3); it ends at alphas_cumprod[0], as DDIM does (sigmas[-1])."""
+    extra_args, s_in = _setup(x, extra_args)
+    N = len(sigmas) - 1
+    train_sigmas = schedule.log_sigmas.double().exp()  # (T,) to look up sigma at s, off the grid
+    for i in trange(N, disable=disable):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        _report(callback, i, sigmas[i], x, denoised)
+        eps = _to_d(x, sigmas[i], denoised)
+        t_prev = schedule.timesteps[i + 1].long() if i + 1 < N else torch.tensor(0)
+        s = int(torch.floor((1 - eta) * t_prev))  # float32 product, as diffusers rounds it
+        sigma_s = train_sigmas[s].to(x)
+        x = denoised + sigma_s * eps
+        if eta > 0 and i + 1 < N:
+            x = x + _randn(x, generator) * (sigmas[i + 1] ** 2 - sigma_s**2).clamp(min=0) ** 0.5
+    return _vp_out(x, sigmas)
+
+
 @dataclass(frozen=True)
 class Sampler:
     """One row of the sampler table."""
 
     fn: Callable  # sample_<name>(model, x, sigmas, extra_args, callback, generator, disable), the contract above
-    family: str  # how diffusers builds its timesteps: "sigma" | "dpm" | "vp" (schedules.py, get_sigmas)
+    family: str  # how diffusers builds its timesteps: "sigma" | "dpm" | "vp" | "lcm" (schedules.py, get_sigmas)
     a1111: str  # A1111's label in its PNGs' "Sampler:" field (images.parse_parameters; ours write the name)
     round_karras_t: bool = False  # its diffusers scheduler rounds karras timesteps (schedules.family_sigmas)
-    last_to_zero: bool = False  # a "vp" sampler whose last step goes to alpha = 1
+    last_to_zero: bool = False  # a "vp" / "lcm" sampler whose last step goes to alpha = 1
 
 
 SAMPLERS: dict[str, Sampler] = {
@@ -394,6 +445,8 @@ SAMPLERS: dict[str, Sampler] = {
     "ddpm": Sampler(sample_ddpm, "vp", "DDPM", last_to_zero=True),
     "pndm": Sampler(sample_pndm, "vp", "PLMS"),
     "unipc": Sampler(sample_unipc, "dpm", "UniPC"),
+    "lcm": Sampler(sample_lcm, "lcm", "LCM", last_to_zero=True),
+    "tcd": Sampler(sample_tcd, "lcm", "TCD"),
 }
 
 
@@ -434,4 +487,7 @@ def sample(name: str, model, noise: torch.Tensor | None, schedule: Schedule, ext
     # noise None: x0 is already noised to sigmas[0] (the latents a denoising_end run handed over)
     x = noise * schedule.init_noise_sigma if x0 is None else x0 if noise is None else add_noise(x0, noise, schedule)
     sigmas = schedule.sigmas.to(x.device)
-    return SAMPLERS[name].fn(model, x, sigmas, extra_args, callback=callback, generator=generator, disable=disable)
+    # LCM / TCD work on the schedule's integer timesteps (boundary scalings, TCD's intermediate step s)
+    kw = {"schedule": schedule} if SAMPLERS[name].family == "lcm" else {}
+    return SAMPLERS[name].fn(model, x, sigmas, extra_args, callback=callback, generator=generator, disable=disable,
+                             **kw)

@@ -17,6 +17,9 @@ Samplers come in three families by how diffusers builds their timesteps (each sa
   karras / exponential span the full training range; init noise is VP (1), i.e. sqrt(1 + sigma_max^2) in VE.
 - "vp": DDIM, DDPM, PNDM. Integer timesteps, sigmas read from alphas_cumprod; DDIM / PNDM end at
   alphas_cumprod[0] (set_alpha_to_one False), i.e. at sigma_min, not 0. Init noise is VP, as above.
+- "lcm": LCM and TCD (consistency models). Integer timesteps picked from the distillation grid of
+  ``LCM_ORIGINAL_STEPS`` steps (diffusers' LCMScheduler / TCDScheduler ignore timestep_spacing); sigmas read from
+  alphas_cumprod; LCM ends at 0, TCD at alphas_cumprod[0]. Init noise is VP.
 """
 from __future__ import annotations
 
@@ -29,7 +32,10 @@ import torch
 SCHEDULES = ("normal", "karras", "exponential")
 SPACINGS = ("linspace", "leading", "trailing")
 # family -> the timestep_spacing each diffusers class of that family defaults to (the released SD configs set none)
-DEFAULT_SPACING: dict[str, str] = {"sigma": "linspace", "dpm": "linspace", "vp": "leading"}
+DEFAULT_SPACING: dict[str, str] = {"sigma": "linspace", "dpm": "linspace", "vp": "leading", "lcm": "leading"}
+# LCM / TCD distillation grid: the teacher's DDIM steps (Luo et al. 2023, "skipping-step" k = T // 50);
+# diffusers' original_inference_steps default
+LCM_ORIGINAL_STEPS = 50
 
 
 def alphas_cumprod(beta_start: float = 0.00085, beta_end: float = 0.012, T: int = 1000) -> torch.Tensor:
@@ -123,8 +129,8 @@ def family_sigmas(family: str, steps: int, schedule: str = "normal", spacing: st
                   last_to_zero: bool = False) -> Schedule:
     """The sigmas and U-Net timesteps diffusers' scheduler of a sampler family ("sigma" | "dpm" | "vp") uses with
     ``steps`` steps; samplers.get_sigmas(name, ...) passes a sampler's family and its two quirks:
-    round_karras_t (KDPM2(Ancestral)Discrete round their karras timesteps) and last_to_zero (DDPM steps to
-    alpha = 1 at the end, DDIM / PNDM to alphas_cumprod[0]).
+    round_karras_t (KDPM2(Ancestral)Discrete round their karras timesteps) and last_to_zero (DDPM and LCM step
+    to alpha = 1 at the end, DDIM / PNDM / TCD to alphas_cumprod[0]).
 
     schedule: "normal" (the spacing's own timesteps), "karras" (Karras et al. 2022, rho 7; diffusers'
     use_karras_sigmas) or "exponential" (log-uniform sigmas; use_exponential_sigmas).
@@ -167,6 +173,13 @@ def family_sigmas(family: str, steps: int, schedule: str = "normal", spacing: st
             if schedule == "karras":
                 t = t.round()  # DPMSolverMultistep / UniPC round karras timesteps
         sigmas = np.append(sigmas, 0.0).astype(np.float32)
+        init = (float(sigmas[0]) ** 2 + 1) ** 0.5
+    elif family == "lcm":
+        if schedule != "normal":
+            raise ValueError(f"schedule must be 'normal' for LCM / TCD (their own timestep grid), got {schedule!r}")
+        t = _lcm_timesteps(N, T)
+        last = 0.0 if last_to_zero else float(train_sigmas[0])  # TCD's last step goes to s = 0: alphas_cumprod[0]
+        sigmas = np.append(train_sigmas[t], last).astype(np.float32)
         init = (float(sigmas[0]) ** 2 + 1) ** 0.5
     else:  # vp
         # DDIM / PNDM step from t to t - T//N. With leading spacing (their default) and with trailing when N
@@ -217,6 +230,15 @@ def _spacing_int(spacing: str, N: int, T: int, offset: int) -> np.ndarray:
     if spacing == "leading":
         return (np.arange(N) * (T // N))[::-1].astype(np.int64) + offset
     return np.round(np.arange(T, 0, -T / N)).astype(np.int64) - 1
+
+
+def _lcm_timesteps(N: int, T: int) -> np.ndarray:
+    """LCMScheduler / TCDScheduler.set_timesteps: the grid k-1, 2k-1, ..., T-1 (k = T // 50), reversed, at N
+    evenly spaced indices: 4 steps -> [999, 759, 499, 259]."""
+    if N > LCM_ORIGINAL_STEPS:
+        raise ValueError(f"steps must be at most {LCM_ORIGINAL_STEPS} for LCM / TCD (their distillation grid), got {N}")
+    grid = (np.arange(1, LCM_ORIGINAL_STEPS + 1) * (T // LCM_ORIGINAL_STEPS) - 1)[::-1]
+    return grid[np.floor(np.linspace(0, LCM_ORIGINAL_STEPS, N, endpoint=False)).astype(np.int64)]
 
 
 def _karras_or_exp(schedule: str, sigma_min: float, sigma_max: float, N: int) -> np.ndarray:

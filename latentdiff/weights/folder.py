@@ -92,6 +92,7 @@ def unet_config_from(d: dict) -> UNetConfig:
         use_linear_in_transformer=bool(d.get("use_linear_projection", False)),
         adm_in_channels=d.get("projection_class_embeddings_input_dim") or 0
         if d.get("addition_embed_type") == "text_time" else 0,
+        time_cond_proj_dim=d.get("time_cond_proj_dim") or 0,
         norm_groups=d.get("norm_num_groups", 32), **head_kw)
 
 
@@ -174,6 +175,8 @@ def read_folder(path, config: ModelConfig | None = None, prediction_type: str | 
             timestep_spacing="leading" if family.startswith("sdxl") else None,
             size=1024 if family.startswith("sdxl") else 768 if sched.get("prediction_type") == "v_prediction" else 512)
         config_from = "the folder's scheduler_config.json" if "prediction_type" in sched else None
+        if config.unet.time_cond_proj_dim:  # LCM-distilled: LatentConsistencyModelPipeline's defaults
+            config = replace(config, sampler="lcm", steps=4, guidance_scale=8.5)
         if (path / "latentdiff_config.json").is_file():  # written by us: keep the recommended defaults
             ours = ModelConfig.from_json((path / "latentdiff_config.json").read_text())
             config = replace(config, name=ours.name, size=ours.size, sampler=ours.sampler, steps=ours.steps,

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from ..config import PRESETS, SD15, SD21, SDXL, SDXL_REFINER, ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig, with_inpainting
+from ..config import PRESETS, SD15, SD21, SDXL, SDXL_REFINER, ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig, with_guidance_embedding, with_inpainting
 from .io import CheckpointError
 
 UNET_PREFIX = "model.diffusion_model."  # = layout.UNET_PREFIX (layout imports this module)
@@ -77,6 +77,7 @@ def unet_config(s: _Shapes, base: UNetConfig, context_fallback: int, encoder_onl
     mc, in_ch = s[p + "input_blocks.0.0.weight"][:2]
     out_ch = base.out_channels if encoder_only else s[p + "out.2.weight"][0]
     adm = s[p + "label_emb.0.0.weight"][1] if s.has(p + "label_emb.0.0.weight") else 0
+    cond_proj = s[p + "time_embedding.cond_proj.weight"][1] if s.has(p + "time_embedding.cond_proj.weight") else 0
     transformers: list[str] = []  # prefixes of every SpatialTransformer with blocks
 
     def depth(prefix: str) -> int:  # transformer blocks of the SpatialTransformer at prefix (0: none there)
@@ -125,7 +126,8 @@ def unet_config(s: _Shapes, base: UNetConfig, context_fallback: int, encoder_onl
     cfg = UNetConfig(
         in_channels=in_ch, out_channels=out_ch, model_channels=mc, channel_mult=tuple(mults), num_res_blocks=r,
         transformer_depth=level_depth, transformer_depth_middle=mid_depth, middle_block=middle,
-        context_dim=context, use_linear_in_transformer=linear, adm_in_channels=adm, norm_groups=base.norm_groups,
+        context_dim=context, use_linear_in_transformer=linear, adm_in_channels=adm, time_cond_proj_dim=cond_proj,
+        norm_groups=base.norm_groups,
         **heads_rule(context, linear))
     if out_depth != cfg.output_depths() and not encoder_only:
         cfg = replace(cfg, transformer_depth_output=out_depth)
@@ -195,17 +197,21 @@ def text_config(s: _Shapes, prefix: str, base: TextEncoderConfig) -> TextEncoder
 def _weights_view(cfg: ModelConfig, vae: bool = True) -> tuple:
     """The fields the weights determine (in_channels aside: inpainting twins share a preset)."""
     return (cfg.family,
-            replace(cfg.unet, num_heads=0, head_channels=0, norm_groups=0, in_channels=0),
+            replace(cfg.unet, num_heads=0, head_channels=0, norm_groups=0, in_channels=0, time_cond_proj_dim=0),
             replace(cfg.vae, norm_groups=0, scaling_factor=0.0) if vae else None,
             tuple(replace(t, heads=0) for t in cfg.text))
 
 
 def match_preset(cfg: ModelConfig, vae: bool = True) -> ModelConfig | None:
     """The preset with the shapes of `cfg` (compared without the VAE if not `vae`), as its 9-channel inpainting
-    twin or with another input width where `cfg` has one; None if no preset has them."""
+    twin or with another input width where `cfg` has one, as its LCM-distilled twin where `cfg` has a guidance
+    embedding; None if no preset has them."""
     view = _weights_view(cfg, vae)
     for preset in PRESETS.values():
         if _weights_view(preset, vae) == view:
+            if cfg.unet.time_cond_proj_dim:
+                return with_guidance_embedding(match_preset(replace(cfg, unet=replace(
+                    cfg.unet, time_cond_proj_dim=0)), vae), cfg.unet.time_cond_proj_dim)
             n = cfg.unet.in_channels
             if n == preset.unet.in_channels:
                 return preset
@@ -228,7 +234,10 @@ def model_config(shapes: dict[str, tuple[int, ...]], family: str, text_prefixes:
     unet = unet_config(s, base.unet, sum(t.width for t in texts))
     cfg = replace(base, name=Path(str(path)).stem, unet=unet, vae=vae, text=texts)
     preset = match_preset(cfg, vae=has_vae) if presets else None
-    return (preset, True) if preset is not None else (_custom(s, cfg), False)
+    if preset is not None:
+        return preset, True
+    cfg = _custom(s, cfg)
+    return (with_guidance_embedding(cfg, unet.time_cond_proj_dim) if unet.time_cond_proj_dim else cfg), False
 
 
 def _custom(s: _Shapes, cfg: ModelConfig) -> ModelConfig:

@@ -52,6 +52,8 @@ def _block_prefixes(cfg: UNetConfig) -> list[tuple[str, str, str]]:
                 ("middle_block.2.", "mid_block.resnets.1.", "resnet")]
     elif cfg.middle_block:  # one ResBlock: diffusers' UNetMidBlock2D as UNet2DConditionModel builds it
         out.append(("middle_block.0.", "mid_block.resnets.0.", "resnet"))
+    if cfg.time_cond_proj_dim:  # the same name in both layouts (see models/unet.py)
+        out.append(("time_embedding.cond_proj.", "time_embedding.cond_proj.", "param"))
     if cfg.adm_in_channels:
         out += [("label_emb.0.0.", "add_embedding.linear_1.", "param"),
                 ("label_emb.0.2.", "add_embedding.linear_2.", "param")]
@@ -149,6 +151,8 @@ def diffusers_config(cfg: UNetConfig, pooled_dim: int = 0, numbers: int = 6) -> 
         freq_shift=0,
         act_fn="silu",
     )
+    if cfg.time_cond_proj_dim:
+        kwargs["time_cond_proj_dim"] = cfg.time_cond_proj_dim
     if cfg.transformer_depth_output:
         kwargs["reverse_transformer_layers_per_block"] = [[d or 1 for d in u] for u in up]
     if cfg.adm_in_channels:
