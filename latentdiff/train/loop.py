@@ -25,6 +25,7 @@ from latentdiff.config import ModelConfig
 from . import checkpoint, data, webdata
 from .config import TrainConfig
 from .ema import EMA
+from .lora import LoRATrainer
 from .model import build_model, measure_peak_flops
 from .objective import Trainee, UNetTrainer, adamw
 from .vae import VAETrainer
@@ -55,9 +56,11 @@ def cpu_threads(local_processes: int) -> None:
 
 def make_trainee(tc: TrainConfig, cfg: ModelConfig, modules: dict, acc: Accelerator, dataset: data.ImageDataset,
                  bucket_of: list[int] | None) -> Trainee:
-    """The trainee of tc.mode, over the models of build_model."""
+    """The trainee of tc.mode (or of tc.network, an adapter on the frozen model), over the models of build_model."""
     if tc.mode == "vae":
         return VAETrainer(tc, cfg, modules, acc, dataset)
+    if tc.network is not None:
+        return LoRATrainer(tc, cfg, modules, acc, dataset, bucket_of)
     return UNetTrainer(tc, cfg, modules, acc, dataset, bucket_of)
 
 
@@ -219,7 +222,7 @@ def train(tc: TrainConfig) -> dict:
     bar.close()
 
     # --- export: the EMA weights as one single file that latentdiff.load opens --------------------------------
-    export = run_dir / "final.safetensors" if step == tc.steps or out_of_time else None
+    export = run_dir / trainee.export_name if step == tc.steps or out_of_time else None
     if main and export is not None:
         with ema_weights(ema, trainee.params):
             trainee.export(export, {"training_steps": str(step), "training_run": tc.run_name})

@@ -93,6 +93,7 @@ class Trainee:
     """
 
     prefixes: dict[str, str]  # checkpoint key -> where that module's weights sit in model's state dict
+    export_name = "final.safetensors"  # the file export() writes, in the run folder
 
     def __init__(self, tc: TrainConfig, cfg: ModelConfig, parts: dict[str, nn.Module], acc,
                  trained: dict[str, nn.Module], placed: tuple[str, ...]):
@@ -165,14 +166,16 @@ class UNetTrainer(Trainee):
     """Full fine-tune of the U-Net (with train_text_encoder, the text encoders too) on the diffusion loss."""
 
     def __init__(self, tc: TrainConfig, cfg: ModelConfig, parts: dict[str, nn.Module], acc,
-                 dataset: data.ImageDataset, bucket_of: list[int] | None):
+                 dataset: data.ImageDataset, bucket_of: list[int] | None, trained: dict[str, nn.Module] | None = None):
+        """trained: what trains instead of the U-Net (and text encoders), e.g. a LoRA on the frozen model."""
         self.unet, self.vae, self.encoders = parts["unet"], parts["vae"], parts["text_encoders"]
         te = {"text_encoders": self.encoders} if tc.train_text_encoder else {}
-        super().__init__(tc, cfg, parts, acc, {"unet": self.unet, **te}, placed=tuple(parts))
+        super().__init__(tc, cfg, parts, acc, {"unet": self.unet, **te} if trained is None else trained,
+                         placed=tuple(parts))
         self.prefixes = {"unet": "unet.", "text_encoders": "text_encoders."} if te else {"unet": ""}
         if tc.gradient_checkpointing:
             enable_gradient_checkpointing(self.unet)
-        self.model = UNetWithText(self.unet, self.encoders) if te else self.unet
+        self.model = UNetWithText(self.unet, self.encoders) if tc.text_trains else self.unet
         self.dataset, self.bucket_of, self.cache, self.tokenizer = dataset, bucket_of, None, Tokenizer()
         self.alphas_cumprod = schedules.model_alphas_cumprod(cfg)
 
@@ -214,8 +217,8 @@ class UNetTrainer(Trainee):
                 mean, std = posterior.mean.float(), posterior.std.float()
             latents = (mean + std * r["vae_eps"]) * cfg.vae.scaling_factor  # (B, 4, h, w)
         size = size_cond(batch["orig_size"], batch["crop"], hw, device) if cfg.unet.adm_in_channels else None
-        if tc.train_text_encoder:
-            ids = tokenize(self.tokenizer, self.encoders, captions, device)
+        if tc.text_trains:  # with grad, through the wrapped model
+            ids = self.text_input(captions)
             predict = lambda x, t: model(x, t, ids, size)  # noqa: E731
         else:
             with torch.no_grad():
@@ -230,6 +233,10 @@ class UNetTrainer(Trainee):
         with self.acc.autocast():
             return unet_loss(predict, latents, noise, r["t"], self.alphas_cumprod, cfg.prediction_type,
                              tc.min_snr_gamma)
+
+    def text_input(self, captions: list[str]):
+        """What the wrapped model's forward encodes with grad when the text side trains: token ids."""
+        return tokenize(self.tokenizer, self.encoders, captions, self.device)
 
     def preview(self, out: Path) -> None:
         sample_grid(self.tc, self.cfg, self.parts, self.device, out)
