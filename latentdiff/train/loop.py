@@ -155,8 +155,10 @@ def train(tc: TrainConfig) -> dict:
             loader = webdata.epoch_loader(stream, epoch, tc.batch_size, tc.num_workers, position, acc)
         else:
             plan = data.epoch_batches(bucket_of, tc.batch_size, tc.seed, epoch, acc.process_index, acc.num_processes)
+            # its own generator: a loader started from the global RNG would shift it on resume (network dropout)
             loader = torch.utils.data.DataLoader(dataset, batch_sampler=plan[position:], collate_fn=data.collate,
-                                                 num_workers=tc.num_workers)
+                                                 num_workers=tc.num_workers,
+                                                 generator=torch.Generator().manual_seed(tc.seed * 7919 + epoch))
         for batch in loader:
             if tc.time_budget_min:  # rank 0's clock, so every rank uses the same LR and stops at the same step
                 spent = torch.tensor([(time.perf_counter() - t_start) / (60 * tc.time_budget_min)], device=device)

@@ -11,8 +11,9 @@ Each module (kohya ``LoRAModule``): down (r, in[, kh, kw]) with the base's strid
     y = W x + alpha / r * up(dropout(down(x)))
 down starts kaiming-uniform(a=sqrt(5)) and up at zero, so training starts from the base model. The down / up
 pair runs as a forward hook on the untouched base module (module paths, hence the base's keys, stay the same);
-for open_clip's fused in_proj the q / k / v deltas alpha / r * up @ down are added to the weight's row blocks
-(a parametrization; network dropout does not apply there).
+for open_clip's attention (nn.MultiheadAttention reads in_proj_weight and out_proj.weight without calling a module)
+the deltas alpha / r * up @ down are added to the weights' row blocks instead (a parametrization; network dropout
+does not apply there).
 """
 from __future__ import annotations
 
@@ -70,9 +71,10 @@ class LoRAModule(nn.Module):
         return self.lora_up.weight @ self.lora_down.weight * self.scale
 
 
-class _InProjDelta(nn.Module):
-    """Parametrization of open_clip's fused in_proj_weight (3W, W): the q / k / v adapters' deltas on its row
-    blocks. The adapters are held by reference, not as children, so they stay parameters of the network only."""
+class _Delta(nn.Module):
+    """Parametrization of a weight nn.MultiheadAttention uses without calling a module (open_clip's fused
+    in_proj_weight (3W, W) and out_proj.weight): the adapters' deltas on its row blocks (q / k / v, or all rows).
+    The adapters are held by reference, not as children, so they stay parameters of the network only."""
 
     def __init__(self, rows: list[tuple[tuple[int, int], LoRAModule]]):
         super().__init__()
@@ -132,10 +134,13 @@ class LoRANetwork(nn.Module):
             base, t = self._bases[stem], self.targets[stem]
             if t.rows:
                 fused.setdefault(base, []).append((t.rows, m))
+            elif t.module.endswith("attn.out_proj"):  # nn.MultiheadAttention reads its weight, never calls it
+                fused.setdefault(base, []).append(((0, base.out_features), m))
             else:
                 self._hooks.append(base.register_forward_hook(lambda mod, args, out, m=m: out + m(args[0]).to(out.dtype)))
-        for attn, rows in fused.items():
-            parametrize.register_parametrization(attn, "in_proj_weight", _InProjDelta(rows), unsafe=True)
+        for mod, rows in fused.items():
+            name = "in_proj_weight" if isinstance(mod, nn.MultiheadAttention) else "weight"
+            parametrize.register_parametrization(mod, name, _Delta(rows), unsafe=True)
 
     def kohya_state_dict(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """kohya's keys: ``<name>.lora_down.weight``, ``<name>.lora_up.weight``, ``<name>.alpha`` (0-dim)."""
@@ -165,7 +170,8 @@ class LoRANetwork(nn.Module):
                                  "are written in kohya's format only; use save_format kohya")
             sd[f"{comp}.{name}.lora_A.weight"] = m.lora_down.weight.detach().to("cpu", dtype).contiguous()
             sd[f"{comp}.{name}.lora_B.weight"] = m.lora_up.weight.detach().to("cpu", dtype).contiguous()
-            groups.setdefault(comp, []).append((name, m.rank, m.alpha))
+            # PEFT matches module names by suffix; transformers 5's CLIPTextModel has no "text_model." level
+            groups.setdefault(comp, []).append((name.removeprefix("text_model."), m.rank, m.alpha))
         meta = {}
         for comp, mods in groups.items():
             r, a = mods[0][1], mods[0][2]  # the first module's; the others that differ go to the patterns
@@ -214,6 +220,7 @@ class LoRATrainer(UNetTrainer):
     optimizer, the EMA and the checkpoints."""
 
     def __init__(self, tc: TrainConfig, cfg, parts: dict[str, nn.Module], acc, dataset, bucket_of):
+        torch.manual_seed(tc.seed)  # the adapter's init, the same on every rank; then the dropout masks' draws
         self.network = LoRANetwork(parts["unet"], parts["text_encoders"], tc.network)
         self.network.to(acc.device, torch.float32)
         super().__init__(tc, cfg, parts, acc, dataset, bucket_of, trained={"network": self.network})
@@ -225,6 +232,11 @@ class LoRATrainer(UNetTrainer):
         n = sum(p.numel() for p in self.params.values())
         log.info("network %s: %d modules, %d trainable parameters (rank %d, alpha %g)", tc.network.type,
                  len(self.network.loras), n, tc.network.rank, tc.network.alpha)
+
+    def flops_per_sample(self) -> int:
+        # the frozen U-Net may be in bf16 / fp16; network dropout must not draw from the RNG a resume restored
+        with self.acc.autocast(), torch.random.fork_rng(devices=[]):
+            return super().flops_per_sample()
 
     def param_groups(self) -> list[dict]:
         unet = [p for n, p in self.params.items() if ".lora_unet_" in n]
