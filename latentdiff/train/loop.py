@@ -25,6 +25,7 @@ from latentdiff.config import ModelConfig
 from . import checkpoint, data, webdata
 from .config import TrainConfig
 from .ema import EMA
+from .embedding import EmbeddingTrainer
 from .lora import LoRATrainer
 from .model import build_model, measure_peak_flops
 from .objective import Trainee, UNetTrainer, adamw
@@ -60,7 +61,8 @@ def make_trainee(tc: TrainConfig, cfg: ModelConfig, modules: dict, acc: Accelera
     if tc.mode == "vae":
         return VAETrainer(tc, cfg, modules, acc, dataset)
     if tc.network is not None:
-        return LoRATrainer(tc, cfg, modules, acc, dataset, bucket_of)
+        trainer = EmbeddingTrainer if tc.network.type == "embedding" else LoRATrainer
+        return trainer(tc, cfg, modules, acc, dataset, bucket_of)
     return UNetTrainer(tc, cfg, modules, acc, dataset, bucket_of)
 
 

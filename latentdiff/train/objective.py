@@ -208,7 +208,7 @@ class UNetTrainer(Trainee):
         r = draw(batch["key"], tc.seed, latent_shape, cfg.num_train_timesteps, tc.timestep_shift)
         r = {k: v.to(device) for k, v in r.items()}
         drop = (r["drop"] < tc.caption_dropout).tolist()  # caption dropout: train on the empty prompt
-        captions = ["" if d else c for c, d in zip(batch["caption"], drop)]
+        captions = ["" if d else tc.instance_prompt or c for c, d in zip(batch["caption"], drop)]
         with torch.no_grad():
             if cache is not None:
                 mean, std = cache.posterior(batch["index"].tolist(), device)
