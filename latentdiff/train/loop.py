@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from latentdiff.config import ModelConfig
 
-from . import checkpoint, data, webdata
+from . import checkpoint, data, dreambooth, webdata
 from .config import TrainConfig
 from .ema import EMA
 from .embedding import EmbeddingTrainer
@@ -112,6 +112,10 @@ def train(tc: TrainConfig) -> dict:
 
     # --- models, what trains, optimizer, EMA ------------------------------------------------------------------
     cfg, modules = build_model(tc)
+    if tc.class_prompt is not None:  # DreamBooth: the class images follow the instance images
+        if shards is not None:
+            raise ValueError("class_prompt (prior preservation) needs an image folder or builtin data, not shards")
+        records = records + dreambooth.class_records(tc, cfg, modules, acc)
     multiple = cfg.vae.downsample * 2 ** (len(cfg.unet.channel_mult) - 1)
     buckets, bucket_of = plan_data(tc, acc, records, skipped, shards, multiple)
     dataset = data.ImageDataset(records, buckets, tc.seed, tc.random_crop, tc.random_flip)

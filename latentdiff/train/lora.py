@@ -194,6 +194,15 @@ def kohya_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> 
     return model, hashlib.sha256(b.read(0x10000)).hexdigest()[:8]
 
 
+def optimizer_name(tc: TrainConfig) -> str:
+    """The optimizer class objective.adamw builds, as kohya's ss_optimizer names it."""
+    import importlib.util
+
+    if tc.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is not None:
+        return "bitsandbytes.optim.adamw.AdamW8bit"
+    return "torch.optim.adamw.AdamW"
+
+
 def base_model_version(cfg) -> str:
     """kohya's ss_base_model_version: sd_v1 / sd_v2 (+ _v for v-prediction), sdxl_base_v1-0."""
     if cfg.family.startswith("sdxl"):
@@ -269,7 +278,7 @@ class LoRATrainer(UNetTrainer):
             "ss_text_encoder_lr": str(tc.text_encoder_lr or tc.lr), "ss_unet_lr": str(tc.lr),
             "ss_batch_size_per_device": str(tc.batch_size), "ss_gradient_accumulation_steps": str(tc.grad_accum),
             "ss_mixed_precision": tc.mixed_precision, "ss_seed": str(tc.seed), "ss_lr_warmup_steps": str(tc.warmup_steps),
-            "ss_lr_scheduler": "cosine", "ss_optimizer": "torch.optim.AdamW", "ss_max_grad_norm": str(tc.max_grad_norm),
+            "ss_lr_scheduler": "cosine", "ss_optimizer": optimizer_name(tc), "ss_max_grad_norm": str(tc.max_grad_norm),
             "ss_min_snr_gamma": str(tc.min_snr_gamma), "ss_noise_offset": str(tc.offset_noise),
             "ss_caption_dropout_rate": str(tc.caption_dropout), "ss_gradient_checkpointing": str(tc.gradient_checkpointing),
             "ss_network_train_unet_only": str("text_encoder" not in net.targets),

@@ -6,6 +6,7 @@ batch of 2B and two micro-batches of B see exactly the same numbers.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -58,7 +59,7 @@ def snr_weights(alphas_cumprod_t: torch.Tensor, gamma: float, prediction_type: s
 
 
 def unet_loss(predict, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
-              prediction_type: str, min_snr_gamma: float = 0.0) -> torch.Tensor:
+              prediction_type: str, min_snr_gamma: float = 0.0, weights: torch.Tensor | None = None) -> torch.Tensor:
     """The DDPM objective (Ho et al. 2020; v: Salimans & Ho 2022).
 
     predict(x_t, t) -> the model's output (the conditioned U-Net); latents, noise (B, C, h, w) fp32, scaled
@@ -71,12 +72,24 @@ def unet_loss(predict, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tens
     per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))  # (B,)
     if min_snr_gamma:
         per_sample = per_sample * snr_weights(a.view(-1), min_snr_gamma, prediction_type)
+    if weights is not None:  # (B,), e.g. DreamBooth's prior_loss_weight on class images
+        per_sample = per_sample * weights
     return per_sample.mean()
 
 
-def adamw(tc: TrainConfig, params, **kw) -> torch.optim.AdamW:
-    return torch.optim.AdamW(params, betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps,
-                             weight_decay=tc.weight_decay, **kw)
+def adamw(tc: TrainConfig, params, **kw) -> torch.optim.Optimizer:
+    """AdamW; with optimizer adamw8bit bitsandbytes' AdamW8bit (Dettmers et al. 2021: 8-bit moments, a quarter of
+    the optimizer memory) where bitsandbytes is installed, else AdamW with a warning."""
+    opts = dict(betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps, weight_decay=tc.weight_decay, **kw)
+    if tc.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes
+        except ImportError:
+            logging.getLogger("latentdiff.train").warning("optimizer adamw8bit: bitsandbytes is not installed; "
+                                                          "using torch.optim.AdamW")
+        else:
+            return bitsandbytes.optim.AdamW8bit(params, **opts)
+    return torch.optim.AdamW(params, **opts)
 
 
 class Trainee:
@@ -208,7 +221,12 @@ class UNetTrainer(Trainee):
         r = draw(batch["key"], tc.seed, latent_shape, cfg.num_train_timesteps, tc.timestep_shift)
         r = {k: v.to(device) for k, v in r.items()}
         drop = (r["drop"] < tc.caption_dropout).tolist()  # caption dropout: train on the empty prompt
-        captions = ["" if d else tc.instance_prompt or c for c, d in zip(batch["caption"], drop)]
+        # DreamBooth: the class images (dreambooth.py) are the last class_images records and keep their caption
+        prior = batch["index"] >= len(self.dataset) - tc.class_images if tc.class_prompt else torch.zeros(
+            len(drop), dtype=torch.bool)
+        captions = ["" if d else c if p else tc.instance_prompt or c
+                    for c, d, p in zip(batch["caption"], drop, prior.tolist())]
+        weights = torch.where(prior, tc.prior_loss_weight, 1.0).to(device) if tc.class_prompt else None
         with torch.no_grad():
             if cache is not None:
                 mean, std = cache.posterior(batch["index"].tolist(), device)
@@ -232,7 +250,7 @@ class UNetTrainer(Trainee):
         noise = r["noise"] + tc.offset_noise * r["offset"]  # offset noise (Guttenberg 2023)
         with self.acc.autocast():
             return unet_loss(predict, latents, noise, r["t"], self.alphas_cumprod, cfg.prediction_type,
-                             tc.min_snr_gamma)
+                             tc.min_snr_gamma, weights)
 
     def text_input(self, captions: list[str]):
         """What the wrapped model's forward encodes with grad when the text side trains: token ids."""
