@@ -69,7 +69,9 @@ def test_sd15_embedding_trains_only_its_vectors_and_loads_in_diffusers(tmp_path)
 def test_sdxl_embedding_saves_clip_l_and_clip_g(tmp_path):
     base = tmp_path / "xl.safetensors"
     tiny_pipe("tiny-sdxl").save(base)
-    _, out = _train(tmp_path, base, steps=2, save_every=0)
+    cfg, out = _train(tmp_path, base, steps=2, save_every=0, validate_every=2, validation_steps=2,
+                      validation_prompts=[f"a {TOKEN}"])
+    assert (cfg.run_dir / "samples/step-00000002.png").is_file()
     f = SafetensorsFile(out["export"])
     assert f.shapes() == {"clip_l": (2, 32), "clip_g": (2, 64)}
     emb = read_embedding(out["export"])

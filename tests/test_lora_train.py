@@ -168,8 +168,9 @@ def test_only_the_adapter_trains_and_is_checkpointed(base_file, tmp_path):
     """The optimizer holds only adapter tensors, and the checkpoint holds the adapter (fp32 on a bf16 base), its
     optimizer state and the data position: no base weight."""
     cfg = _cfg(tmp_path, init_from=str(base_file), steps=2, save_every=2, network={"type": "lora", "rank": 4},
-               mixed_precision="bf16")
+               mixed_precision="bf16", validate_every=2, validation_steps=2)
     _train(cfg)
+    assert (cfg.run_dir / "samples/step-00000002.png").is_file()  # the preview runs on the bf16 base
     state = checkpoint.load(checkpoint.latest(cfg.run_dir / "checkpoints"))
     assert list(state["model"]) == ["network"]
     net = state["model"]["network"]

@@ -22,6 +22,7 @@ from latentdiff.weights import write_safetensors
 
 from .config import TrainConfig
 from .objective import UNetTrainer
+from .validate import sample_grid
 
 log = logging.getLogger("latentdiff.train")
 
@@ -79,6 +80,11 @@ class EmbeddingTrainer(UNetTrainer):
 
     def text_input(self, captions: list[str]) -> list[str]:
         return captions
+
+    def preview(self, out: Path) -> None:
+        emb = Embedding(self.tc.network.token, [v.detach().float() for v in self.vectors], "training")
+        sample_grid(self.tc, self.cfg, self.parts, self.device, out, {emb.token: emb})
+        self.train_mode()
 
     def state_dict(self) -> dict:
         return {"model": {"embedding": {k: v.detach().cpu() for k, v in self.vectors.state_dict().items()}}}

@@ -253,6 +253,10 @@ class LoRATrainer(UNetTrainer):
         groups = [{"params": unet, "lr": self.tc.lr}] if unet else []
         return groups + ([{"params": te, "lr": self.tc.text_encoder_lr or self.tc.lr}] if te else [])
 
+    def preview(self, out: Path) -> None:
+        self.network.eval()  # no dropout in the samples; train_mode (in super) turns it back on
+        super().preview(out)
+
     def state_dict(self) -> dict:
         # the adapter only: the frozen model is the init file's, and every rank holds the same adapter
         return {"model": {"network": {k: v.detach().cpu() for k, v in self.network.state_dict().items()}},
