@@ -324,3 +324,21 @@ def test_dreambooth_prior_preservation(base_file, tmp_path, caplog):
     assert class_folder(cfg, {"unet": pipe.unet, "vae": pipe.vae, "text_encoders": pipe.text_encoders}) == folders[0]
     with pytest.raises(ValueError, match="class_prompt .* needs instance_prompt"):
         from_dict({"class_prompt": "a dog", "class_images": 4})
+
+
+def test_gradient_checkpointing_trains_the_same_adapter(base_file, tmp_path):
+    """Recomputing the blocks in the backward pass (hooks and dropout included) gives the adapter of a plain run."""
+    kw = dict(init_from=str(base_file), steps=2, save_every=0, network={"type": "lora", "rank": 4, "dropout": 0.2})
+    a = _train(_cfg(tmp_path, run_name="plain", **kw))["export"]
+    b = _train(_cfg(tmp_path, run_name="ckpt", gradient_checkpointing=True, **kw))["export"]
+    ta, tb = _tensors(a), _tensors(b)
+    assert ta.keys() == tb.keys() and max((ta[k] - tb[k]).abs().max().item() for k in ta) < 1e-6
+    assert any(ta[k].abs().max() > 0 for k in ta if k.endswith("lora_up.weight"))
+
+
+def test_diffusers_format_refuses_open_clip_text_encoders_before_training(tmp_path):
+    base = tmp_path / "xl.safetensors"
+    tiny_pipe("tiny-sdxl").save(base)
+    with pytest.raises(ValueError, match="OpenCLIP text encoders"):
+        _train(_cfg(tmp_path, init_from=str(base), save_format="diffusers"))
+    assert not (tmp_path / "runs").exists()

@@ -229,6 +229,10 @@ class LoRATrainer(UNetTrainer):
     optimizer, the EMA and the checkpoints."""
 
     def __init__(self, tc: TrainConfig, cfg, parts: dict[str, nn.Module], acc, dataset, bucket_of):
+        if tc.save_format == "diffusers" and "text_encoder" in tc.network.targets and any(
+                e.cfg.kind == "open_clip" for e in parts["text_encoders"]):
+            raise ValueError("save_format diffusers: LoRAs on OpenCLIP text encoders (SD 2.x, SDXL's second) are "
+                             "written in kohya's format only; use save_format kohya or network.targets [unet]")
         torch.manual_seed(tc.seed)  # the adapter's init, the same on every rank; then the dropout masks' draws
         self.network = LoRANetwork(parts["unet"], parts["text_encoders"], tc.network)
         self.network.to(acc.device, torch.float32)
@@ -272,7 +276,7 @@ class LoRATrainer(UNetTrainer):
                 "conv_alpha": str(net.alpha if net.conv_alpha is None else net.conv_alpha)} if net.type == "locon" else {}
         return {
             "ss_network_module": "networks.lora", "ss_network_dim": str(net.rank), "ss_network_alpha": str(net.alpha),
-            "ss_network_dropout": str(net.dropout), "ss_network_args": json.dumps(args) if args else "",
+            "ss_network_dropout": str(net.dropout), **({"ss_network_args": json.dumps(args)} if args else {}),
             "ss_base_model_version": base_model_version(self.cfg), "ss_v2": str(self.cfg.text[0].kind == "open_clip"),
             "ss_v_parameterization": str(self.cfg.prediction_type == "v_prediction"),
             "ss_resolution": f"({tc.resolution}, {tc.resolution})", "ss_num_train_images": str(self.num_images),
