@@ -243,7 +243,7 @@ def test_two_processes_on_the_shipped_model_as_a_diffusers_folder(tmp_path):
     out = tmp_path / "runs"
     cmd = [str(Path(PY).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "train.py"), "--config", str(SMOKE),
-           f"--output_dir={out}", f"--init_from={folder}", "--resolution=64", "--steps=3", "--save_every=0",
+           f"--output_dir={out}", f"--init_from={folder}", "--resolution=32", "--steps=3", "--save_every=0",
            "--check_sync", "--lr=1e-2"]
     r = subprocess.run(cmd, cwd=tmp_path, env=dict(_env(), ACCELERATE_USE_CPU="true"), capture_output=True,
                        text=True, timeout=300)
