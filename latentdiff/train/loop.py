@@ -4,8 +4,9 @@
     for each micro-batch: trainee.loss -> backward -> (every grad_accum) clip, step, EMA, log, validate, save
     -> export the EMA weights as one .safetensors that latentdiff.load opens.
 
-What is trained is the trainee's business (objective.Trainee): the full U-Net fine-tune (objective.py) or the
-VAE (vae.py); make_trainee picks it from tc.mode, and this file has one path for all of them.
+What is trained is the trainee's business (objective.Trainee): the full U-Net fine-tune (objective.py), the
+VAE (vae.py), or an adapter on the frozen model (lora.py, embedding.py); make_trainee picks it from tc.mode and
+tc.network, and this file has one path for all of them.
 """
 from __future__ import annotations
 

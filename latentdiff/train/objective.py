@@ -94,7 +94,7 @@ def adamw(tc: TrainConfig, params, **kw) -> torch.optim.Optimizer:
 
 class Trainee:
     """What a run trains and its loss: the one seam between train() and a kind of training. The full U-Net
-    fine-tune (below) and the VAE (vae.py) are two; LoRA or textual inversion would be two more.
+    fine-tune (below) and the VAE (vae.py) are two; LoRA (lora.py) and textual inversion (embedding.py) two more.
 
     Built from the config, the models (fp32, on the CPU) and the Accelerator, it marks what trains, puts on the
     device what the loss runs on, and holds
