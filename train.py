@@ -13,7 +13,8 @@
 Any option of latentdiff/train/config.py can be overridden: `--lr=5e-5 --steps=2000 --run_name=mine`.
 Continue a stopped run exactly with `--resume latest` (or `--resume runs/<name>/checkpoints/ckpt-00001000.pt`).
 Everything goes to runs/<run_name>/: log.jsonl, checkpoints/, samples/, final.safetensors (EMA weights, opens
-with latentdiff.load).
+with latentdiff.load); with a `network:` (configs/train/lora-*.yaml) the adapter instead: <run_name>.safetensors
+in kohya's LoRA format, or <token>.safetensors, an A1111 embedding.
 """
 from latentdiff.train import main
 

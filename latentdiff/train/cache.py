@@ -2,7 +2,8 @@
 and reused by later runs with the same model, data and resolution (the file name is a hash of those).
 
 Posteriors (mean, std) are cached rather than latents, so each step still draws a fresh latent sample. With
-train_text_encoder the text embeddings change every step, so only the posteriors are cached.
+train_text_encoder (or a LoRA on the text encoders, or an embedding) the text embeddings change every step, so
+only the posteriors are cached.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def fingerprint(tc, cfg, records: list[data.Record], buckets, bucket_of, vae, en
     # The cached tensors depend on the weights that compute them, not on where those came from: posteriors on
     # the VAE only (a run that changes just the U-Net side -- init file, prediction type, schedule -- reuses the
     # file), cached text embeddings on the text encoders too. Hashing a 160 MB SD VAE takes well under a second.
-    text = not tc.train_text_encoder
+    text = not tc.text_trains
     model = cfg.to_json() if text else json.dumps(dataclasses.asdict(cfg.vae), sort_keys=True)
     ident = {
         "model": model, "weights": weights_hash([vae, *encoders] if text else [vae]),
@@ -123,8 +124,8 @@ def build(tc, cfg, acc, dataset, bucket_of, vae, encoders, tokenizer, dtype) -> 
                 log.info("reusing cache %s", path)
             else:
                 log.info("computing the latent%s cache for %d images -> %s",
-                         "" if tc.train_text_encoder else " and text", len(dataset), path)
+                         "" if tc.text_trains else " and text", len(dataset), path)
                 write_safetensors(path, compute(dataset, bucket_of, vae, encoders, tokenizer, tc.batch_size,
-                                                acc.device, dtype, text=not tc.train_text_encoder))
+                                                acc.device, dtype, text=not tc.text_trains))
         tensors = load_file(path)
     return Cache(tensors)

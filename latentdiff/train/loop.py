@@ -4,8 +4,9 @@
     for each micro-batch: trainee.loss -> backward -> (every grad_accum) clip, step, EMA, log, validate, save
     -> export the EMA weights as one .safetensors that latentdiff.load opens.
 
-What is trained is the trainee's business (objective.Trainee): the full U-Net fine-tune (objective.py) or the
-VAE (vae.py); make_trainee picks it from tc.mode, and this file has one path for all of them.
+What is trained is the trainee's business (objective.Trainee): the full U-Net fine-tune (objective.py), the
+VAE (vae.py), or an adapter on the frozen model (lora.py, embedding.py); make_trainee picks it from tc.mode and
+tc.network, and this file has one path for all of them.
 """
 from __future__ import annotations
 
@@ -22,9 +23,11 @@ from tqdm.auto import tqdm
 
 from latentdiff.config import ModelConfig
 
-from . import checkpoint, data, webdata
+from . import checkpoint, data, dreambooth, webdata
 from .config import TrainConfig
 from .ema import EMA
+from .embedding import EmbeddingTrainer
+from .lora import LoRATrainer
 from .model import build_model, measure_peak_flops
 from .objective import Trainee, UNetTrainer, adamw
 from .vae import VAETrainer
@@ -55,9 +58,12 @@ def cpu_threads(local_processes: int) -> None:
 
 def make_trainee(tc: TrainConfig, cfg: ModelConfig, modules: dict, acc: Accelerator, dataset: data.ImageDataset,
                  bucket_of: list[int] | None) -> Trainee:
-    """The trainee of tc.mode, over the models of build_model."""
+    """The trainee of tc.mode (or of tc.network, an adapter on the frozen model), over the models of build_model."""
     if tc.mode == "vae":
         return VAETrainer(tc, cfg, modules, acc, dataset)
+    if tc.network is not None:
+        trainer = EmbeddingTrainer if tc.network.type == "embedding" else LoRATrainer
+        return trainer(tc, cfg, modules, acc, dataset, bucket_of)
     return UNetTrainer(tc, cfg, modules, acc, dataset, bucket_of)
 
 
@@ -107,6 +113,10 @@ def train(tc: TrainConfig) -> dict:
 
     # --- models, what trains, optimizer, EMA ------------------------------------------------------------------
     cfg, modules = build_model(tc)
+    if tc.class_prompt is not None:  # DreamBooth: the class images follow the instance images
+        if shards is not None:
+            raise ValueError("class_prompt (prior preservation) needs an image folder or builtin data, not shards")
+        records = records + dreambooth.class_records(tc, cfg, modules, acc)
     multiple = cfg.vae.downsample * 2 ** (len(cfg.unet.channel_mult) - 1)
     buckets, bucket_of = plan_data(tc, acc, records, skipped, shards, multiple)
     dataset = data.ImageDataset(records, buckets, tc.seed, tc.random_crop, tc.random_flip)
@@ -152,8 +162,10 @@ def train(tc: TrainConfig) -> dict:
             loader = webdata.epoch_loader(stream, epoch, tc.batch_size, tc.num_workers, position, acc)
         else:
             plan = data.epoch_batches(bucket_of, tc.batch_size, tc.seed, epoch, acc.process_index, acc.num_processes)
+            # its own generator: a loader started from the global RNG would shift it on resume (network dropout)
             loader = torch.utils.data.DataLoader(dataset, batch_sampler=plan[position:], collate_fn=data.collate,
-                                                 num_workers=tc.num_workers)
+                                                 num_workers=tc.num_workers,
+                                                 generator=torch.Generator().manual_seed(tc.seed * 7919 + epoch))
         for batch in loader:
             if tc.time_budget_min:  # rank 0's clock, so every rank uses the same LR and stops at the same step
                 spent = torch.tensor([(time.perf_counter() - t_start) / (60 * tc.time_budget_min)], device=device)
@@ -219,7 +231,7 @@ def train(tc: TrainConfig) -> dict:
     bar.close()
 
     # --- export: the EMA weights as one single file that latentdiff.load opens --------------------------------
-    export = run_dir / "final.safetensors" if step == tc.steps or out_of_time else None
+    export = run_dir / trainee.export_name if step == tc.steps or out_of_time else None
     if main and export is not None:
         with ema_weights(ema, trainee.params):
             trainee.export(export, {"training_steps": str(step), "training_run": tc.run_name})

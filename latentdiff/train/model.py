@@ -109,8 +109,9 @@ def forward_flops(fn, *args) -> int:
 def measure_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     """Achieved FLOP/s of a large square matmul: the peak used for model FLOP utilisation when none is given."""
     n = 4096 if device.type == "cuda" else 512
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    # not from the global RNG: it runs after a resume restored the RNG states (network dropout draws from them)
+    a = torch.empty(n, n, device=device, dtype=dtype).uniform_(-1, 1, generator=torch.Generator(device).manual_seed(0))
+    b = a.T.contiguous()
     for _ in range(2):
         a @ b
     if device.type == "cuda":

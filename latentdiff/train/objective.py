@@ -6,6 +6,7 @@ batch of 2B and two micro-batches of B see exactly the same numbers.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -58,7 +59,7 @@ def snr_weights(alphas_cumprod_t: torch.Tensor, gamma: float, prediction_type: s
 
 
 def unet_loss(predict, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
-              prediction_type: str, min_snr_gamma: float = 0.0) -> torch.Tensor:
+              prediction_type: str, min_snr_gamma: float = 0.0, weights: torch.Tensor | None = None) -> torch.Tensor:
     """The DDPM objective (Ho et al. 2020; v: Salimans & Ho 2022).
 
     predict(x_t, t) -> the model's output (the conditioned U-Net); latents, noise (B, C, h, w) fp32, scaled
@@ -71,17 +72,29 @@ def unet_loss(predict, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tens
     per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))  # (B,)
     if min_snr_gamma:
         per_sample = per_sample * snr_weights(a.view(-1), min_snr_gamma, prediction_type)
+    if weights is not None:  # (B,), e.g. DreamBooth's prior_loss_weight on class images
+        per_sample = per_sample * weights
     return per_sample.mean()
 
 
-def adamw(tc: TrainConfig, params, **kw) -> torch.optim.AdamW:
-    return torch.optim.AdamW(params, betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps,
-                             weight_decay=tc.weight_decay, **kw)
+def adamw(tc: TrainConfig, params, **kw) -> torch.optim.Optimizer:
+    """AdamW; with optimizer adamw8bit bitsandbytes' AdamW8bit (Dettmers et al. 2021: 8-bit moments, a quarter of
+    the optimizer memory) where bitsandbytes is installed, else AdamW with a warning."""
+    opts = dict(betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps, weight_decay=tc.weight_decay, **kw)
+    if tc.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes
+        except ImportError:
+            logging.getLogger("latentdiff.train").warning("optimizer adamw8bit: bitsandbytes is not installed; "
+                                                          "using torch.optim.AdamW")
+        else:
+            return bitsandbytes.optim.AdamW8bit(params, **opts)
+    return torch.optim.AdamW(params, **opts)
 
 
 class Trainee:
     """What a run trains and its loss: the one seam between train() and a kind of training. The full U-Net
-    fine-tune (below) and the VAE (vae.py) are two; LoRA or textual inversion would be two more.
+    fine-tune (below) and the VAE (vae.py) are two; LoRA (lora.py) and textual inversion (embedding.py) two more.
 
     Built from the config, the models (fp32, on the CPU) and the Accelerator, it marks what trains, puts on the
     device what the loss runs on, and holds
@@ -93,6 +106,7 @@ class Trainee:
     """
 
     prefixes: dict[str, str]  # checkpoint key -> where that module's weights sit in model's state dict
+    export_name = "final.safetensors"  # the file export() writes, in the run folder
 
     def __init__(self, tc: TrainConfig, cfg: ModelConfig, parts: dict[str, nn.Module], acc,
                  trained: dict[str, nn.Module], placed: tuple[str, ...]):
@@ -165,14 +179,16 @@ class UNetTrainer(Trainee):
     """Full fine-tune of the U-Net (with train_text_encoder, the text encoders too) on the diffusion loss."""
 
     def __init__(self, tc: TrainConfig, cfg: ModelConfig, parts: dict[str, nn.Module], acc,
-                 dataset: data.ImageDataset, bucket_of: list[int] | None):
+                 dataset: data.ImageDataset, bucket_of: list[int] | None, trained: dict[str, nn.Module] | None = None):
+        """trained: what trains instead of the U-Net (and text encoders), e.g. a LoRA on the frozen model."""
         self.unet, self.vae, self.encoders = parts["unet"], parts["vae"], parts["text_encoders"]
         te = {"text_encoders": self.encoders} if tc.train_text_encoder else {}
-        super().__init__(tc, cfg, parts, acc, {"unet": self.unet, **te}, placed=tuple(parts))
+        super().__init__(tc, cfg, parts, acc, {"unet": self.unet, **te} if trained is None else trained,
+                         placed=tuple(parts))
         self.prefixes = {"unet": "unet.", "text_encoders": "text_encoders."} if te else {"unet": ""}
         if tc.gradient_checkpointing:
             enable_gradient_checkpointing(self.unet)
-        self.model = UNetWithText(self.unet, self.encoders) if te else self.unet
+        self.model = UNetWithText(self.unet, self.encoders) if tc.text_trains else self.unet
         self.dataset, self.bucket_of, self.cache, self.tokenizer = dataset, bucket_of, None, Tokenizer()
         self.alphas_cumprod = schedules.model_alphas_cumprod(cfg)
 
@@ -205,7 +221,12 @@ class UNetTrainer(Trainee):
         r = draw(batch["key"], tc.seed, latent_shape, cfg.num_train_timesteps, tc.timestep_shift)
         r = {k: v.to(device) for k, v in r.items()}
         drop = (r["drop"] < tc.caption_dropout).tolist()  # caption dropout: train on the empty prompt
-        captions = ["" if d else c for c, d in zip(batch["caption"], drop)]
+        # DreamBooth: the class images (dreambooth.py) are the last class_images records and keep their caption
+        prior = batch["index"] >= len(self.dataset) - tc.class_images if tc.class_prompt else torch.zeros(
+            len(drop), dtype=torch.bool)
+        captions = ["" if d else c if p else tc.instance_prompt or c
+                    for c, d, p in zip(batch["caption"], drop, prior.tolist())]
+        weights = torch.where(prior, tc.prior_loss_weight, 1.0).to(device) if tc.class_prompt else None
         with torch.no_grad():
             if cache is not None:
                 mean, std = cache.posterior(batch["index"].tolist(), device)
@@ -214,8 +235,8 @@ class UNetTrainer(Trainee):
                 mean, std = posterior.mean.float(), posterior.std.float()
             latents = (mean + std * r["vae_eps"]) * cfg.vae.scaling_factor  # (B, 4, h, w)
         size = size_cond(batch["orig_size"], batch["crop"], hw, device) if cfg.unet.adm_in_channels else None
-        if tc.train_text_encoder:
-            ids = tokenize(self.tokenizer, self.encoders, captions, device)
+        if tc.text_trains:  # with grad, through the wrapped model
+            ids = self.text_input(captions)
             predict = lambda x, t: model(x, t, ids, size)  # noqa: E731
         else:
             with torch.no_grad():
@@ -229,7 +250,11 @@ class UNetTrainer(Trainee):
         noise = r["noise"] + tc.offset_noise * r["offset"]  # offset noise (Guttenberg 2023)
         with self.acc.autocast():
             return unet_loss(predict, latents, noise, r["t"], self.alphas_cumprod, cfg.prediction_type,
-                             tc.min_snr_gamma)
+                             tc.min_snr_gamma, weights)
+
+    def text_input(self, captions: list[str]):
+        """What the wrapped model's forward encodes with grad when the text side trains: token ids."""
+        return tokenize(self.tokenizer, self.encoders, captions, self.device)
 
     def preview(self, out: Path) -> None:
         sample_grid(self.tc, self.cfg, self.parts, self.device, out)

@@ -39,13 +39,16 @@ def validate(trainee, ema: EMA | None, run_dir: Path, step: int) -> Path:
     return out
 
 
-def sample_grid(tc, cfg, parts: dict, device, out: Path) -> None:
-    """The validation prompts through the Pipeline (seed 0, fp32, the training resolution), as one grid image."""
+def sample_grid(tc, cfg, parts: dict, device, out: Path, embeddings: dict | None = None) -> None:
+    """The validation prompts through the Pipeline (seed 0, the U-Net's dtype: fp32, or the mixed-precision dtype
+    of a frozen base under an adapter; the training resolution), as one grid image. embeddings: {token:
+    Embedding} usable in the prompts (textual inversion)."""
     from latentdiff.images import image_grid
     from latentdiff.pipeline import Pipeline
 
-    pipe = Pipeline(cfg, parts["unet"], parts["vae"], parts["text_encoders"], device=device, dtype=torch.float32,
-                    source=tc.run_name)
+    pipe = Pipeline(cfg, parts["unet"], parts["vae"], parts["text_encoders"], device=device,
+                    dtype=next(parts["unet"].parameters()).dtype, source=tc.run_name)
+    pipe.adapters.embeddings.update(embeddings or {})
     images = pipe(list(tc.validation_prompts), steps=tc.validation_steps, seed=0, progress=False,
                   height=tc.resolution, width=tc.resolution)
     image_grid(images).save(out)

@@ -185,7 +185,7 @@ def epoch_loader(stream: ShardStream, epoch: int, batch_size: int, num_workers: 
     as any process has no full batch left."""
     stream.epoch, stream.skipped = epoch, 0
     loader = torch.utils.data.DataLoader(stream, batch_size=batch_size, drop_last=True, collate_fn=data.collate,
-                                         num_workers=num_workers)
+                                         num_workers=num_workers, generator=torch.Generator().manual_seed(epoch))
     it, seen = iter(loader), {}
     for _ in range(skip):  # resume: replay the epoch's stream up to the saved position
         next(it, None)
