@@ -335,3 +335,31 @@ def test_load_default_picks_the_fast_path(tmp_path):
     pipe = latentdiff.load(tmp_path / "m.safetensors")
     assert pipe.dtype == speed.default_dtype("cpu")
     assert next(pipe.unet.parameters()).dtype == pipe.dtype
+
+
+# --- memory: text encoders freed after encoding ---------------------------------------------------------------
+
+
+def test_keep_text_encoders_false_frees_them_and_keeps_the_image(tmp_path):
+    """pipe(..., keep_text_encoders=False) gives the same latents, then holds no text-encoder weights; the
+    encoded prompt still works (prompt cache), a new prompt, save() and to() say why they cannot."""
+    from conftest import tiny_pipe
+
+    kw = dict(steps=2, height=64, width=64, seed=0, output="latent", progress=False)
+    ref = tiny_pipe("tiny-sd15")("a red apple", **kw)
+    pipe = tiny_pipe("tiny-sd15")
+    assert not speed.text_encoders_released(pipe.text_encoders)
+    out = pipe("a red apple", keep_text_encoders=False, **kw)
+    assert torch.equal(out, ref)
+    assert speed.text_encoders_released(pipe.text_encoders)
+    assert all(p.is_meta for p in pipe.text_encoders.parameters())  # no storage left
+    assert torch.equal(pipe("a red apple", **kw), ref)  # encoded before: from the cache
+    with pytest.raises(RuntimeError, match="encoding the prompt 'a blue pear'.*keep_text_encoders=False"):
+        pipe("a blue pear", **kw)
+    with pytest.raises(RuntimeError, match=r"save\(\) needs the text encoders"):
+        pipe.save(tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
+    device, dtype = pipe.device, pipe.dtype
+    with pytest.raises(RuntimeError, match=r"to\(\) needs the text encoders"):
+        pipe.to(dtype=torch.bfloat16)
+    assert (pipe.device, pipe.dtype) == (device, dtype)  # changed nothing
