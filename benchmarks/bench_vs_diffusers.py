@@ -94,7 +94,7 @@ def worker(a) -> dict:
 
         def generate():
             return pipe(PROMPT, guidance_scale=a.guidance, steps=a.steps, sampler=a.sampler, height=a.size,
-                        width=a.size, seed=0, progress=False)[0]
+                        width=a.size, seed=0, num_images=a.batch, progress=False)[0]
     else:
         import diffusers
         from diffusers import StableDiffusionPipeline
@@ -113,7 +113,8 @@ def worker(a) -> dict:
 
         def generate():
             return pipe(PROMPT, guidance_scale=a.guidance, num_inference_steps=a.steps, height=a.size,
-                        width=a.size, generator=torch.Generator("cpu").manual_seed(0)).images[0]
+                        width=a.size, num_images_per_prompt=a.batch,
+                        generator=torch.Generator("cpu").manual_seed(0)).images[0]
     load_s = time.perf_counter() - t0
     compiled = getattr(pipe, "_compiled_unet", None)  # ours after pipe.compile(): time the compiled module
     cuda = a.device.startswith("cuda")
@@ -143,7 +144,8 @@ def worker(a) -> dict:
 def run_child(side: str, a, dtype: str, checkpoint: Path, folder: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", side, "--dtype", dtype, "--checkpoint", str(checkpoint),
            "--folder", str(folder), "--size", str(a.size), "--steps", str(a.steps), "--sampler", a.sampler,
-           "--guidance", str(a.guidance), "--warmup", str(a.warmup), "--out-dir", str(a.out_dir), "--device", a.device]
+           "--guidance", str(a.guidance), "--warmup", str(a.warmup), "--out-dir", str(a.out_dir), "--device", a.device,
+           "--batch", str(a.batch)]
     if a.compile and side == "ours":
         cmd.append("--compile")
     res = subprocess.run(cmd, capture_output=True, text=True)
@@ -158,6 +160,8 @@ def main(argv=None) -> None:
     p.add_argument("--size", type=int, default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--sampler", default="euler_a", choices=sorted(SCHEDULERS))
+    p.add_argument("--batch", type=int, default=1, help="images per call (one prompt); the U-Net batch is twice "
+                   "that with CFG")
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--ours-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto = latentdiff.load's default (dtype=None: bf16 where native, else fp32; packed convs)")
@@ -211,7 +215,7 @@ def main(argv=None) -> None:
 
     cpu = a.device == "cpu"
     peaks = measure_peaks() if cpu else None  # CPU peaks: no MFU on a GPU
-    flops = unet_flops(SD15.unet, a.size, 2 if a.guidance > 1 else 1)
+    flops = unet_flops(SD15.unet, a.size, (2 if a.guidance > 1 else 1) * a.batch)
     runs = {"ours": [], "diffusers": []}
     for r in range(a.repeats):
         for side, dtype in (("ours", a.ours_dtype), ("diffusers", a.diffusers_dtype)):
