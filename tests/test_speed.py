@@ -363,3 +363,35 @@ def test_keep_text_encoders_false_frees_them_and_keeps_the_image(tmp_path):
     with pytest.raises(RuntimeError, match=r"to\(\) needs the text encoders"):
         pipe.to(dtype=torch.bfloat16)
     assert (pipe.device, pipe.dtype) == (device, dtype)  # changed nothing
+
+
+# --- 512 px and up (issue #29) ---------------------------------------------------------------------------------
+
+
+def test_long_bf16_attention_on_the_cpu_runs_in_fp32(monkeypatch):
+    """From CPU_FP32_ATTENTION_FROM keys on, bf16 attention is the fp32 result rounded once (faster there, and
+    closer to fp32 than the bf16 kernel); below it and in fp32 (the exact path) nothing changes."""
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 3, n, 16, generator=g) for n in (50, 40, 40))
+    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    exact = torch.nn.functional.scaled_dot_product_attention(qb.float(), kb.float(), vb.float())
+    plain = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb)
+    assert torch.equal(layers.attention(qb, kb, vb), plain)  # 40 keys < 8192
+    monkeypatch.setattr(layers, "CPU_FP32_ATTENTION_FROM", 40)
+    out = layers.attention(qb, kb, vb)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, exact.bfloat16())
+    assert _rel_l2(out, exact) <= _rel_l2(plain, exact)
+    assert torch.equal(layers.attention(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+
+def test_geglu_in_place_at_inference_gives_the_same_bits_and_trains():
+    torch.manual_seed(0)
+    m = layers.GEGLU(16, 32)
+    x = torch.randn(2, 5, 16)
+    h, gate = m.proj(x).chunk(2, dim=-1)
+    ref = h * torch.nn.functional.gelu(gate)
+    with torch.inference_mode():
+        out = m(x)
+    assert out.is_contiguous() and torch.equal(out, ref)
+    m(x).square().sum().backward()  # the training path keeps what backward needs
+    assert m.proj.weight.grad.abs().sum() > 0
