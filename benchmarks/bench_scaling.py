@@ -29,13 +29,16 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=1, help="A B pairs per row")
     p.add_argument("--warmup", type=int, default=1, choices=[0, 1])
     p.add_argument("--diffusers-dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--checkpoint", default=None, help="SD 1.5-architecture single file (default: bench_vs_diffusers' "
+                   "random weights)")
+    p.add_argument("--folder", default=None, help="the same weights as a diffusers folder")
     a = p.parse_args(argv)
 
     from _unets import unet_flops
     from latentdiff.config import SD15
 
-    checkpoint = bvd.CACHE / "sd15-random-fp16.safetensors"
-    folder = checkpoint.with_name(checkpoint.stem + "-diffusers")
+    checkpoint = Path(a.checkpoint) if a.checkpoint else bvd.CACHE / "sd15-random-fp16.safetensors"
+    folder = Path(a.folder) if a.folder else checkpoint.with_name(checkpoint.stem + "-diffusers")
     if not checkpoint.is_file() or not (folder / "model_index.json").is_file():
         raise SystemExit(f"no benchmark weights at {checkpoint}: run benchmarks/bench_vs_diffusers.py once first")
     out_dir = bvd.CACHE / "images"
