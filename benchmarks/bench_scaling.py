@@ -6,7 +6,8 @@ latentdiff (its default path) and in diffusers fp32, each row measured in the sa
 
 Each (size, batch) is one pair of bench_vs_diffusers.py children (own processes: peak RSS = the child's
 ru_maxrss) making one image call of `batch` images (one prompt, CFG 7.5, Euler a) after a warm-up call; the
-work column is the U-Net's TFLOPs for the call (steps x one guided step, flop_counter) and `s/TFLOP` should stay
+work column is the U-Net's TFLOPs for the call (steps x one guided step, flop_counter) and `s/TFLOP` (the
+whole call, prompt encoding and VAE decode included, over those TFLOPs: at few steps the decode weighs) should stay
 flat if time grows with FLOPs and not faster. Prints a markdown table.
 """
 from __future__ import annotations
