@@ -60,17 +60,20 @@ def setup(single_file: Path, folder: Path) -> None:
 
 
 class UNetTimer:
-    """Wall time spent inside the U-Net's forward (pre/post hooks), and the number of calls."""
+    """Wall time spent inside the U-Net's forward (pre/post hooks), and the number of calls. On a GPU `sync`
+    waits for the queued kernels at both ends, so the time is the U-Net's and not the launch's."""
 
-    def __init__(self, unet):
-        self.total, self.calls = 0.0, 0
+    def __init__(self, unet, sync=lambda: None):
+        self.total, self.calls, self.sync = 0.0, 0, sync
         unet.register_forward_pre_hook(self._start)
         unet.register_forward_hook(self._stop)
 
     def _start(self, *_):
+        self.sync()
         self._t0 = time.perf_counter()
 
     def _stop(self, *_):
+        self.sync()
         self.total += time.perf_counter() - self._t0
         self.calls += 1
 
@@ -84,14 +87,14 @@ def worker(a) -> dict:
         import latentdiff
 
         # auto: load()'s default (dtype=None), the fast path; an explicit fp32 would be the exact, unpacked one
-        pipe = latentdiff.load(a.checkpoint, dtype=None if a.dtype == "auto" else dtypes[a.dtype])
+        pipe = latentdiff.load(a.checkpoint, device=a.device, dtype=None if a.dtype == "auto" else dtypes[a.dtype])
         dtype = pipe.dtype
         if a.compile:
             pipe.compile()  # compiles during the first image: its extra time is reported as compile_s
 
         def generate():
             return pipe(PROMPT, guidance_scale=a.guidance, steps=a.steps, sampler=a.sampler, height=a.size,
-                        width=a.size, seed=0, progress=False)[0]
+                        width=a.size, seed=0, num_images=a.batch, progress=False)[0]
     else:
         import diffusers
         from diffusers import StableDiffusionPipeline
@@ -100,27 +103,38 @@ def worker(a) -> dict:
         pipe = StableDiffusionPipeline.from_pretrained(a.folder, torch_dtype=dtype, safety_checker=None,
                                                        local_files_only=True)
         pipe.scheduler = getattr(diffusers, SCHEDULERS[a.sampler]).from_config(pipe.scheduler.config)
+        pipe.to(a.device)
+        if a.device != "cpu":  # PyTorch's SDPA kernels (flash / memory-efficient), said explicitly
+            from diffusers.models.attention_processor import AttnProcessor2_0
+
+            pipe.unet.set_attn_processor(AttnProcessor2_0())
+            pipe.vae.set_attn_processor(AttnProcessor2_0())
         pipe.set_progress_bar_config(disable=True)
 
         def generate():
             return pipe(PROMPT, guidance_scale=a.guidance, num_inference_steps=a.steps, height=a.size,
-                        width=a.size, generator=torch.Generator("cpu").manual_seed(0)).images[0]
+                        width=a.size, num_images_per_prompt=a.batch,
+                        generator=torch.Generator("cpu").manual_seed(0)).images[0]
     load_s = time.perf_counter() - t0
     compiled = getattr(pipe, "_compiled_unet", None)  # ours after pipe.compile(): time the compiled module
-    timer = UNetTimer(pipe.unet if compiled is None else compiled)
+    cuda = a.device.startswith("cuda")
+    timer = UNetTimer(pipe.unet if compiled is None else compiled, torch.cuda.synchronize if cuda else lambda: None)
     warmup_s = 0.0
     if a.warmup:
         t0 = time.perf_counter()
         generate()
         warmup_s = time.perf_counter() - t0
     timer.total, timer.calls = 0.0, 0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    image = generate()
+    image = generate()  # a PIL image: the GPU's work is done
     image_s = time.perf_counter() - t0
     image.save(Path(a.out_dir) / f"{a.worker}.png")
     return {"load_s": load_s, "image_s": image_s, "unet_s": timer.total, "unet_calls": timer.calls,
             "step_s": timer.total / a.steps, "compile_s": warmup_s - image_s if a.compile else 0.0,
             "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "gpu_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
             "dtype": str(dtype).removeprefix("torch.")}
 
 
@@ -130,7 +144,8 @@ def worker(a) -> dict:
 def run_child(side: str, a, dtype: str, checkpoint: Path, folder: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", side, "--dtype", dtype, "--checkpoint", str(checkpoint),
            "--folder", str(folder), "--size", str(a.size), "--steps", str(a.steps), "--sampler", a.sampler,
-           "--guidance", str(a.guidance), "--warmup", str(a.warmup), "--out-dir", str(a.out_dir)]
+           "--guidance", str(a.guidance), "--warmup", str(a.warmup), "--out-dir", str(a.out_dir), "--device", a.device,
+           "--batch", str(a.batch)]
     if a.compile and side == "ours":
         cmd.append("--compile")
     res = subprocess.run(cmd, capture_output=True, text=True)
@@ -145,6 +160,8 @@ def main(argv=None) -> None:
     p.add_argument("--size", type=int, default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--sampler", default="euler_a", choices=sorted(SCHEDULERS))
+    p.add_argument("--batch", type=int, default=1, help="images per call (one prompt); the U-Net batch is twice "
+                   "that with CFG")
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--ours-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto = latentdiff.load's default (dtype=None: bf16 where native, else fp32; packed convs)")
@@ -157,6 +174,8 @@ def main(argv=None) -> None:
     p.add_argument("--checkpoint", default=None, help="an SD 1.5-architecture single file (default: random)")
     p.add_argument("--folder", default=None, help="the same weights as a diffusers folder")
     p.add_argument("--out-dir", default=None, help="where each side's last image goes")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]; on a GPU the peak memory is the GPU's "
+                   "(max_memory_allocated of the timed image) and MFU is not computed (the peaks are CPU ones)")
     p.add_argument("--worker", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     p.add_argument("--dtype", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -194,8 +213,9 @@ def main(argv=None) -> None:
                             f"setup(Path({str(checkpoint)!r}), Path({str(folder)!r}))"], check=True)
         print(f"  done in {time.perf_counter() - t0:.0f} s", flush=True)
 
-    peaks = measure_peaks()
-    flops = unet_flops(SD15.unet, a.size, 2 if a.guidance > 1 else 1)
+    cpu = a.device == "cpu"
+    peaks = measure_peaks() if cpu else None  # CPU peaks: no MFU on a GPU
+    flops = unet_flops(SD15.unet, a.size, (2 if a.guidance > 1 else 1) * a.batch)
     runs = {"ours": [], "diffusers": []}
     for r in range(a.repeats):
         for side, dtype in (("ours", a.ours_dtype), ("diffusers", a.diffusers_dtype)):
@@ -203,12 +223,27 @@ def main(argv=None) -> None:
             runs[side].append(res)
             print(f"repeat {r}: {side:9s} {res['dtype']:8s} load {res['load_s']:6.1f} s  image {res['image_s']:6.1f} s"
                   f"  step {res['step_s']:6.2f} s  peak RSS {res['rss_gb']:5.2f} GB"
+                  + (f"  GPU peak {res['gpu_gb']:5.2f} GB" if res["gpu_gb"] else "")
                   + (f"  compile {res['compile_s']:5.1f} s" if res["compile_s"] else ""), flush=True)
-    peaks_after = measure_peaks()
-    peaks = {k: max(v, peaks_after[k]) for k, v in peaks.items()}
 
     def med(side, key):
         return statistics.median(r[key] for r in runs[side])
+
+    if not cpu:
+        print(f"\nSD 1.5 architecture on {a.device} ({torch.cuda.get_device_name(a.device)}), {a.size} x {a.size}, "
+              f"{a.steps} steps, {a.sampler}, CFG {a.guidance}; medians of {a.repeats}")
+        print("{:<10}{:>10}{:>8}{:>9}{:>8}{:>13}{:>13}".format("", "dtype", "load s", "image s", "s/step",
+                                                             "GPU peak GB", "peak RSS GB"))
+        rows = [(side, runs[side][0]["dtype"], *(med(side, k) for k in ("load_s", "image_s", "step_s", "gpu_gb",
+                                                                         "rss_gb"))) for side in runs]
+        for r in rows:
+            print("{:<10}{:>10}{:>8.1f}{:>9.2f}{:>8.3f}{:>13.2f}{:>13.2f}".format(*r))
+        o, d = rows
+        print("{:<10}{:>10}{:>7.2f}x{:>8.2f}x{:>7.2f}x{:>12.2f}x{:>12.2f}x".format(
+            "ratio", "", *(x / y for x, y in zip(o[2:], d[2:]))))
+        return
+    peaks_after = measure_peaks()
+    peaks = {k: max(v, peaks_after[k]) for k, v in peaks.items()}
 
     print(f"\nSD 1.5 architecture, {a.size} x {a.size}, {a.steps} steps, {a.sampler}, CFG {a.guidance}, "
           f"{torch.get_num_threads()} threads; medians of {a.repeats}; U-Net {flops / 1e12:.3f} TFLOP per call")

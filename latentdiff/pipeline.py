@@ -79,6 +79,7 @@ class Pipeline:
         key = (tuple(prompts), tuple(negatives), negative_prompt is None, clip_skip)
         if key in self._prompt_cache:
             return self._prompt_cache[key]
+        speed.check_text_encoders(self.text_encoders, f"encoding the prompt {prompts[0]!r}")
         with torch.inference_mode(), speed.on_device(self.text_encoders, self.device, self.offload):
             c, cp, u, up = encode_prompts(self.tokenizer, list(self.text_encoders), prompts, negatives,
                                           clip_skip=clip_skip, embeddings=self.adapters.embeddings)
@@ -121,7 +122,8 @@ class Pipeline:
         """Text to image. Keywords (all optional): guidance_scale, steps, negative_prompt, seed (None = random,
         see `last_seed`), sampler, schedule ("normal" | "karras" | "exponential"), timestep_spacing, height, width,
         num_images (per prompt), output ("pil" | "latent"), guidance_rescale, clip_skip, callback, progress,
-        decoder ("vae" | "taesd": a loaded TAESD decoder instead of the VAE, see latentdiff/fewstep.py).
+        decoder ("vae" | "taesd": a loaded TAESD decoder instead of the VAE, see latentdiff/fewstep.py),
+        keep_text_encoders (False: free the text encoders' weights once the prompts are encoded, speed.py).
         Returns a list of PIL images, or the final latents (B, 4, H/f, W/f), not divided by the VAE scaling
         factor, with output="latent". callback(step, sigma, latents) runs after every step.
         Refiner handoff (diffusers' SDXL semantics): `denoising_end=0.8` with output="latent" stops at the step
@@ -165,7 +167,7 @@ class Pipeline:
                 width=None, num_images=1, output="pil", guidance_rescale=0.0, clip_skip=None, callback=None,
                 progress=True, denoising_start=None, denoising_end=None, aesthetic_score=6.0,
                 negative_aesthetic_score=2.5, controlnet=None, control_image=None, controlnet_scale=1.0,
-                control_start=0.0, control_end=1.0, guess_mode=False, decoder="vae"):
+                control_start=0.0, control_end=1.0, guess_mode=False, decoder="vae", keep_text_encoders=True):
         guidance_scale = self.cfg.guidance_scale if guidance_scale is None else guidance_scale
         control = None  # ControlNets (latentdiff/control.py), validated before anything runs
         if controlnet is not None:
@@ -198,6 +200,8 @@ class Pipeline:
         seed = self._seed(seed)
         timestep_spacing = timestep_spacing or self.cfg.timestep_spacing
         cond = self.encode_prompt(prompt, negative_prompt, clip_skip)
+        if not keep_text_encoders:  # free their weights for the rest of the call and after (speed.py)
+            speed.release_text_encoders(self.text_encoders)
         B = cond.context.shape[0] * num_images
         if control is not None:
             control.prepare(height, width, cond.context.shape[0], num_images, f)
@@ -461,6 +465,7 @@ class Pipeline:
         return self
 
     def to(self, device=None, dtype=None) -> "Pipeline":
+        speed.check_text_encoders(self.text_encoders, "to()")
         self.device = torch.device(device) if device is not None else self.device
         if dtype is not None:  # an explicit fp32 is the exact path, as in latentdiff.load()
             self.dtype, self.exact = dtype, dtype == torch.float32
@@ -476,6 +481,7 @@ class Pipeline:
         decoder goes next to a single file as `<name>.preview.safetensors` (a diffusers folder has no place for it)."""
         from . import weights
 
+        speed.check_text_encoders(self.text_encoders, "save()")
         modules = {"unet": self.unet, "vae": self.vae, "text_encoders": self.text_encoders}
         if format == "single_file":
             weights.save_single_file(path, self.cfg, modules, dtype)

@@ -335,3 +335,63 @@ def test_load_default_picks_the_fast_path(tmp_path):
     pipe = latentdiff.load(tmp_path / "m.safetensors")
     assert pipe.dtype == speed.default_dtype("cpu")
     assert next(pipe.unet.parameters()).dtype == pipe.dtype
+
+
+# --- memory: text encoders freed after encoding ---------------------------------------------------------------
+
+
+def test_keep_text_encoders_false_frees_them_and_keeps_the_image(tmp_path):
+    """pipe(..., keep_text_encoders=False) gives the same latents, then holds no text-encoder weights; the
+    encoded prompt still works (prompt cache), a new prompt, save() and to() say why they cannot."""
+    from conftest import tiny_pipe
+
+    kw = dict(steps=2, height=64, width=64, seed=0, output="latent", progress=False)
+    ref = tiny_pipe("tiny-sd15")("a red apple", **kw)
+    pipe = tiny_pipe("tiny-sd15")
+    assert not speed.text_encoders_released(pipe.text_encoders)
+    out = pipe("a red apple", keep_text_encoders=False, **kw)
+    assert torch.equal(out, ref)
+    assert speed.text_encoders_released(pipe.text_encoders)
+    assert all(p.is_meta for p in pipe.text_encoders.parameters())  # no storage left
+    assert torch.equal(pipe("a red apple", **kw), ref)  # encoded before: from the cache
+    with pytest.raises(RuntimeError, match="encoding the prompt 'a blue pear'.*keep_text_encoders=False"):
+        pipe("a blue pear", **kw)
+    with pytest.raises(RuntimeError, match=r"save\(\) needs the text encoders"):
+        pipe.save(tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
+    device, dtype = pipe.device, pipe.dtype
+    with pytest.raises(RuntimeError, match=r"to\(\) needs the text encoders"):
+        pipe.to(dtype=torch.bfloat16)
+    assert (pipe.device, pipe.dtype) == (device, dtype)  # changed nothing
+
+
+# --- 512 px and up (issue #29) ---------------------------------------------------------------------------------
+
+
+def test_long_bf16_attention_on_the_cpu_runs_in_fp32(monkeypatch):
+    """From CPU_FP32_ATTENTION_FROM keys on, bf16 attention is the fp32 result rounded once (faster there, and
+    closer to fp32 than the bf16 kernel); below it and in fp32 (the exact path) nothing changes."""
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 3, n, 16, generator=g) for n in (50, 40, 40))
+    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    exact = torch.nn.functional.scaled_dot_product_attention(qb.float(), kb.float(), vb.float())
+    plain = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb)
+    assert torch.equal(layers.attention(qb, kb, vb), plain)  # 40 keys < 8192
+    monkeypatch.setattr(layers, "CPU_FP32_ATTENTION_FROM", 40)
+    out = layers.attention(qb, kb, vb)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, exact.bfloat16())
+    assert _rel_l2(out, exact) <= _rel_l2(plain, exact)
+    assert torch.equal(layers.attention(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+
+def test_geglu_in_place_at_inference_gives_the_same_bits_and_trains():
+    torch.manual_seed(0)
+    m = layers.GEGLU(16, 32)
+    x = torch.randn(2, 5, 16)
+    h, gate = m.proj(x).chunk(2, dim=-1)
+    ref = h * torch.nn.functional.gelu(gate)
+    with torch.inference_mode():
+        out = m(x)
+    assert out.is_contiguous() and torch.equal(out, ref)
+    m(x).square().sum().backward()  # the training path keeps what backward needs
+    assert m.proj.weight.grad.abs().sum() > 0

@@ -41,9 +41,17 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 ATTENTION_BUDGET_BYTES = 1 << 30
 
 
+# Keys from which bf16 attention on the CPU runs in fp32. PyTorch's CPU flash kernel is no faster in bf16 than in
+# fp32 (without AMX it multiplies small bf16 blocks), and at 768 px (9,216 tokens) fp32 is faster: heads of width
+# 40, benchmarks/README.md "512 px and up". The CPU kernel never holds the score matrix, so no chunks either.
+CPU_FP32_ATTENTION_FROM = 8192
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v for q (B, H, N_q, d), k and v (B, H, N_k, d), in chunks of queries when the
     full score matrix would exceed ATTENTION_BUDGET_BYTES. Rows are independent: chunks give the same result."""
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and k.shape[2] >= CPU_FP32_ATTENTION_FROM:
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
     b, h, n, _ = q.shape
     rows = max(1, ATTENTION_BUDGET_BYTES // (b * h * k.shape[2] * q.element_size()))
     if rows >= n:
@@ -110,8 +118,13 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim, inner * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, gate = self.proj(x).chunk(2, dim=-1)
-        return x * F.gelu(gate)
+        x, gate = self.proj(x).chunk(2, dim=-1)  # views of one fresh (B, N, 2 inner) tensor
+        if torch.is_grad_enabled():  # training: backward needs gate as it is
+            return x * F.gelu(gate)
+        # inference: GELU in place, one new activation-sized tensor instead of two (the U-Net's largest: 2 x 4096 x
+        # 1280 at 512 px, batch 2); the same values, and the product stays a fresh contiguous tensor (the next
+        # Linear's GEMM, so its bits, depend on its input's layout)
+        return x * torch.ops.aten.gelu_(gate)
 
 
 class FeedForward(nn.Module):
