@@ -15,13 +15,15 @@ from latentdiff.models.unet import UNetModel
 NORMS = (nn.GroupNorm, nn.LayerNorm)
 
 
-def random_unet(cfg: UNetConfig, seed: int = 0) -> UNetModel:
+def random_weights(build, seed: int = 0) -> nn.Module:
+    """build() on the meta device, then filled: linear / conv weights ~ N(0, 1/fan_in), biases 0, norms (1, 0)
+    (zero-initialised layers too, e.g. a ControlNet's zero convs, so nothing is trivially zero)."""
     with torch.device("meta"):
-        unet = UNetModel(cfg)
-    unet.to_empty(device="cpu")
+        module = build()
+    module.to_empty(device="cpu")
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for m in unet.modules():
+        for m in module.modules():
             if isinstance(m, NORMS):
                 m.weight.fill_(1.0)
                 m.bias.zero_()
@@ -29,7 +31,11 @@ def random_unet(cfg: UNetConfig, seed: int = 0) -> UNetModel:
                 m.weight.normal_(0.0, m.weight[0].numel() ** -0.5, generator=g)
                 if m.bias is not None:
                     m.bias.zero_()
-    return unet.eval().requires_grad_(False)
+    return module.eval().requires_grad_(False)
+
+
+def random_unet(cfg: UNetConfig, seed: int = 0) -> UNetModel:
+    return random_weights(lambda: UNetModel(cfg), seed)
 
 
 def variant(master: UNetModel, dtype: torch.dtype, channels_last: bool) -> UNetModel:

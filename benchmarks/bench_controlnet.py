@@ -18,10 +18,9 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _unets import NORMS, diffusers_twin, random_unet, unet_flops, unet_inputs  # noqa: E402
+from _unets import diffusers_twin, random_unet, random_weights, unet_flops, unet_inputs  # noqa: E402
 
 from latentdiff.config import SD15  # noqa: E402
 from latentdiff.models.controlnet import ControlNet, ControlNetConfig  # noqa: E402
@@ -30,21 +29,7 @@ from latentdiff.weights.diffusers.unet import to_diffusers  # noqa: E402
 
 
 def random_controlnet(cfg: ControlNetConfig, seed: int = 1) -> ControlNet:
-    """As _unets.random_unet: N(0, 1/fan_in) weights (zero convs included, so residuals are not zero)."""
-    with torch.device("meta"):
-        cn = ControlNet(cfg)
-    cn.to_empty(device="cpu")
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in cn.modules():
-            if isinstance(m, NORMS):
-                m.weight.fill_(1.0)
-                m.bias.zero_()
-            elif isinstance(m, (nn.Linear, nn.Conv2d)):
-                m.weight.normal_(0.0, m.weight[0].numel() ** -0.5, generator=g)
-                if m.bias is not None:
-                    m.bias.zero_()
-    return cn.eval().requires_grad_(False)
+    return random_weights(lambda: ControlNet(cfg), seed)  # zero convs filled too: residuals are not zero
 
 
 def diffusers_controlnet(ours: ControlNet):

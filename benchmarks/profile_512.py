@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _unets import NORMS, random_unet, unet_inputs, variant  # noqa: E402
+from _unets import random_unet, random_weights, unet_inputs, variant  # noqa: E402
 
 from latentdiff.config import SD15  # noqa: E402
 from latentdiff.models.vae import AutoencoderKL  # noqa: E402
@@ -87,19 +87,7 @@ def header() -> str:
 
 
 def random_vae(seed: int = 0) -> AutoencoderKL:
-    with torch.device("meta"):
-        vae = AutoencoderKL(SD15.vae)
-    vae.to_empty(device="cpu")
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in vae.modules():
-            if isinstance(m, NORMS):
-                m.weight.fill_(1.0)
-                m.bias.zero_()
-            elif isinstance(m, (nn.Linear, nn.Conv2d)):
-                m.weight.normal_(0.0, m.weight[0].numel() ** -0.5, generator=g)
-                m.bias.zero_()
-    return vae.eval().requires_grad_(False)
+    return random_weights(lambda: AutoencoderKL(SD15.vae), seed)
 
 
 def unet_case(master, size: int, dtype: torch.dtype, batch: int) -> str:

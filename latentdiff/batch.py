@@ -209,15 +209,6 @@ def read_manifest(out: Path, since: list | None = None) -> dict[int, dict]:
     if bad:
         log.warning("%s: %d unreadable line(s) skipped; their jobs run again", out / MANIFEST, bad)
     return records
-    for line in lines:
-        try:
-            rec = json.loads(line)
-            records[int(rec["index"])] = rec
-        except (ValueError, KeyError, TypeError):
-            bad += 1
-    if bad:
-        log.warning("%s: %d unreadable line(s) skipped; their jobs run again", out / MANIFEST, bad)
-    return records
 
 
 def _sha256(path: Path) -> str | None:

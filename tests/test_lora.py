@@ -12,7 +12,6 @@ import lora_files as lf
 from conftest import rel_err, tiny_pipe
 from latentdiff import speed
 from latentdiff.adapters.lora import LoraStack, lora_info, read_lora
-from latentdiff.weights import CheckpointError
 
 PROMPT, NEG, STEPS = "a photo of an astronaut riding a horse", "blurry, low quality", 4
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,16 +12,15 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from accelerate.state import AcceleratorState, GradientState
 
 import latentdiff
 from conftest import rel_err, tiny_pipe
+from test_train import _env, _losses, _train
 from latentdiff.adapters.lora import LoraStack, lora_info, read_lora
 from latentdiff.adapters.tags import short_hash
 from latentdiff.train import checkpoint
 from latentdiff.train.config import from_dict, load_train_config
 from latentdiff.train.lora import LoRANetwork
-from latentdiff.train.loop import train
 from latentdiff.weights import SafetensorsFile
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,20 +34,6 @@ def _cfg(tmp_path, **kw):
     base.update(output_dir=str(tmp_path / "runs"), builtin_size=16, resolution=32, batch_size=2)
     base.update(kw)
     return from_dict(base)
-
-
-def _train(cfg):
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    return train(cfg)
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())}
-
-
-def _env():
-    return dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
 
 
 @pytest.fixture(scope="module")

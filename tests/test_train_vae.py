@@ -2,7 +2,6 @@
 autoencoder's does (batch 4 x 1 = batch 2 x 2)."""
 from __future__ import annotations
 
-import torch
 
 from latentdiff.train import checkpoint
 from test_train import _cfg, _train

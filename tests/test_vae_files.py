@@ -11,7 +11,7 @@ import latentdiff
 from latentdiff.weights import CONFIG_KEY, CheckpointError, state_dict_of
 from latentdiff.weights.diffusers.vae import to_diffusers
 
-from conftest import diffusers_twin, perturb, tiny_pipe
+from conftest import diffusers_twin, tiny_pipe
 
 diffusers = pytest.importorskip("diffusers")
 
