@@ -58,6 +58,14 @@ def unet_inputs(u, pooled_dim: int = 0, refiner: bool = False):
     return (x, t, context, y), {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
 
 
+def twin_pair(preset: str, tmp_path_factory):
+    """(our tiny pipeline, its diffusers twin, the twin's scheduler config) for a module-scoped fixture."""
+    pipe = tiny_pipe(preset)
+    dpipe = diffusers_twin(pipe, tmp_path_factory.mktemp("folder") / "d")
+    dpipe.set_progress_bar_config(disable=True)
+    return pipe, dpipe, dict(dpipe.scheduler.config)
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import diffusers_twin, rel_err, tiny_pipe
+from conftest import diffusers_twin, rel_err, tiny_pipe, twin_pair
 from latentdiff.sampling import samplers
 
 diffusers = pytest.importorskip("diffusers")
@@ -22,10 +22,7 @@ PROMPT, NEG = "a lighthouse on a cliff at dusk", "fog"
 
 @pytest.fixture(scope="module", params=["tiny-sd15", "tiny-sdxl"])
 def pair(request, tmp_path_factory):
-    pipe = tiny_pipe(request.param)
-    dpipe = diffusers_twin(pipe, tmp_path_factory.mktemp("folder") / "d")
-    dpipe.set_progress_bar_config(disable=True)
-    return pipe, dpipe, dict(dpipe.scheduler.config)
+    return twin_pair(request.param, tmp_path_factory)
 
 
 def _both(pipe, dpipe, steps, guidance, sampler, spacing=None, **dkw):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import diffusers_twin, rel_err, tiny_pipe
+from conftest import rel_err, twin_pair
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -35,10 +35,7 @@ PROMPT, NEG = "a lighthouse on a cliff at dusk", "fog"
 
 @pytest.fixture(scope="module", params=["tiny-sd15", "tiny-sd21_v"])
 def pair(request, tmp_path_factory):
-    pipe = tiny_pipe(request.param)
-    dpipe = diffusers_twin(pipe, tmp_path_factory.mktemp("folder") / "d")
-    dpipe.set_progress_bar_config(disable=True)
-    return pipe, dpipe, dict(dpipe.scheduler.config)
+    return twin_pair(request.param, tmp_path_factory)
 
 
 @pytest.mark.parametrize("sampler, schedule, cls, overrides", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])

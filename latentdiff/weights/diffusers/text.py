@@ -144,19 +144,19 @@ def _strip(key: str, prefix: str) -> str:
     return key[len(prefix):]
 
 
-def _split_block(name: str) -> tuple[int, str]:
-    """'transformer.resblocks.3.ln_1.weight' -> (3, 'ln_1.weight')."""
-    head = "transformer.resblocks."
-    if not name.startswith(head):
-        raise ValueError(f"unexpected open_clip text key 'model.{name}'")
-    index, part = name[len(head):].split(".", 1)
+def _split(key: str, head: str, what: str, shown: str) -> tuple[int, str]:
+    """'<head>3.ln_1.weight' -> (3, 'ln_1.weight'); the error names `what` kind of key and the key as `shown`."""
+    if not key.startswith(head):
+        raise ValueError(f"unexpected {what} {shown!r} (expected {head}N.*)")
+    index, part = key[len(head):].split(".", 1)
     return int(index), part
+
+
+def _split_block(name: str) -> tuple[int, str]:
+    """open_clip: 'transformer.resblocks.3.ln_1.weight' -> (3, 'ln_1.weight')."""
+    return _split(name, "transformer.resblocks.", "open_clip text key", f"model.{name}")
 
 
 def _split_layer(key: str) -> tuple[int, str]:
-    """'text_model.encoder.layers.3.mlp.fc1.weight' -> (3, 'mlp.fc1.weight')."""
-    head = "text_model.encoder.layers."
-    if not key.startswith(head):
-        raise ValueError(f"unexpected diffusers text encoder key {key!r}")
-    index, part = key[len(head):].split(".", 1)
-    return int(index), part
+    """diffusers: 'text_model.encoder.layers.3.mlp.fc1.weight' -> (3, 'mlp.fc1.weight')."""
+    return _split(key, "text_model.encoder.layers.", "diffusers text encoder key", key)
