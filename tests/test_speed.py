@@ -3,6 +3,10 @@ vs full, the default-dtype rule, and dtype=float32 as the exact path. Speed itse
 from __future__ import annotations
 
 import copy
+import ctypes
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -368,20 +372,29 @@ def test_keep_text_encoders_false_frees_them_and_keeps_the_image(tmp_path):
 # --- 512 px and up (issue #29) ---------------------------------------------------------------------------------
 
 
-def test_long_bf16_attention_on_the_cpu_runs_in_fp32(monkeypatch):
-    """From CPU_FP32_ATTENTION_FROM keys on, bf16 attention is the fp32 result rounded once (faster there, and
-    closer to fp32 than the bf16 kernel); below it and in fp32 (the exact path) nothing changes."""
+def test_bf16_self_attention_on_the_cpu_is_two_gemms_in_chunks(monkeypatch):
+    """bf16 CPU self-attention without autograd is baddbmm -> softmax -> bmm over query chunks: the same bits for
+    any chunk size, within bf16 rounding of fp32; cross-attention and autograd get SDPA, fp32 (exact path) too."""
     g = torch.Generator().manual_seed(6)
     q, k, v = (torch.randn(2, 3, n, 16, generator=g) for n in (50, 40, 40))
     qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
     exact = torch.nn.functional.scaled_dot_product_attention(qb.float(), kb.float(), vb.float())
-    plain = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb)
-    assert torch.equal(layers.attention(qb, kb, vb), plain)  # 40 keys < 8192
-    monkeypatch.setattr(layers, "CPU_FP32_ATTENTION_FROM", 40)
-    out = layers.attention(qb, kb, vb)
-    assert out.dtype == torch.bfloat16 and torch.equal(out, exact.bfloat16())
-    assert _rel_l2(out, exact) <= _rel_l2(plain, exact)
-    assert torch.equal(layers.attention(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    with torch.no_grad():
+        out = layers.attention(qb, kb, vb, self_attention=True)
+        monkeypatch.setattr(layers, "CPU_BF16_CHUNK_BYTES", 2 * 3 * 40 * 2 * 7)  # 7 query rows: 7 x 7 + 1
+        chunked = layers.attention(qb, kb, vb, self_attention=True)
+        assert torch.equal(layers.attention(qb, kb, vb), sdpa(qb, kb, vb))  # cross-attention
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 3, 50, 16)
+    assert torch.equal(chunked, out)
+    assert _rel_l2(out, exact) < 1e-2, _rel_l2(out, exact)
+    assert not torch.equal(out, sdpa(qb, kb, vb))  # really the other path
+    qg = qb.clone().requires_grad_()
+    trained = layers.attention(qg, kb, vb, self_attention=True)
+    assert torch.equal(trained, sdpa(qb, kb, vb))
+    trained.sum().backward()
+    assert qg.grad is not None and qg.grad.abs().sum() > 0
+    assert torch.equal(layers.attention(q, k, v, self_attention=True), sdpa(q, k, v))
 
 
 def test_geglu_in_place_at_inference_gives_the_same_bits_and_trains():
@@ -395,3 +408,43 @@ def test_geglu_in_place_at_inference_gives_the_same_bits_and_trains():
     assert out.is_contiguous() and torch.equal(out, ref)
     m(x).square().sum().backward()  # the training path keeps what backward needs
     assert m.proj.weight.grad.abs().sum() > 0
+
+
+
+_HEAP_SCRIPT = """
+import ctypes, torch
+from torch import nn
+from latentdiff import speed
+
+class MallInfo2(ctypes.Structure):  # glibc >= 2.33, malloc.h
+    _fields_ = [(f, ctypes.c_size_t) for f in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+mallinfo2.restype = MallInfo2
+
+def mapped_by(n):  # bytes of fresh mmaps an n-byte tensor takes
+    before = mallinfo2().hblkhd
+    t = torch.empty(n, dtype=torch.uint8)
+    return mallinfo2().hblkhd - before
+
+print(mapped_by(64 << 20) >= 64 << 20)
+conv = nn.Conv2d(4, 4, 3, padding=1)
+with speed.packed(conv, torch.device("cpu"), exact=True, offload=False):
+    conv(torch.randn(1, 4, 8, 8))
+print(mapped_by(64 << 20) >= 64 << 20)  # the exact path sets nothing
+with speed.packed(conv, torch.device("cpu"), exact=False, offload=False):
+    conv(torch.randn(1, 4, 8, 8))
+print(speed.cpu_packs(torch.float32), mapped_by(64 << 20) >= 64 << 20)
+"""
+
+
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallinfo2"), reason="needs glibc >= 2.33")
+def test_default_cpu_path_serves_large_tensors_from_the_heap(monkeypatch):
+    """The first packed run sets the heap policy: a 64 MB tensor is a fresh mmap before, not after (a clean
+    process each); left alone where the user set glibc's malloc variables."""
+    run = lambda env: subprocess.run([sys.executable, "-c", _HEAP_SCRIPT], capture_output=True, text=True,
+                                     check=True, env=env).stdout.split()
+    env = {k: v for k, v in os.environ.items() if k not in speed._MALLOC_ENV}
+    packs = speed.cpu_packs(torch.float32)
+    assert run(env) == ["True", "True", str(packs), str(not packs)]
+    assert run({**env, "MALLOC_TRIM_THRESHOLD_": "1000000"}) == ["True", "True", str(packs), "True"]

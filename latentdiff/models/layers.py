@@ -41,17 +41,46 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 ATTENTION_BUDGET_BYTES = 1 << 30
 
 
-# Keys from which bf16 attention on the CPU runs in fp32. PyTorch's CPU flash kernel is no faster in bf16 than in
-# fp32 (without AMX it multiplies small bf16 blocks), and at 768 px (9,216 tokens) fp32 is faster: heads of width
-# 40, benchmarks/README.md "512 px and up". The CPU kernel never holds the score matrix, so no chunks either.
-CPU_FP32_ATTENTION_FROM = 8192
+# Score bytes per chunk of the bf16 CPU path below: small enough to stay in glibc's heap (below its 32 MB mmap
+# threshold, so no fresh pages to fault in per chunk) and near the caches; 16 MB was fastest of 2 / 8 / 16 / 32
+# (benchmarks/README.md "512 px and up").
+CPU_BF16_CHUNK_BYTES = 16 << 20
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _cpu_bf16_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """bf16 attention on the CPU as two bf16 batched GEMMs around a softmax, over chunks of query rows.
+
+    PyTorch's CPU flash kernel runs bf16 no faster than fp32 on CPUs without AMX (it multiplies small blocks of
+    heads 40 wide), while oneDNN's bf16 GEMMs run at the bf16 peak: this takes 0.3-0.7x the kernel's time for
+    every U-Net and VAE shape. Scores and probabilities are rounded to bf16 (the kernel keeps fp32 scores), the
+    scale is applied inside the GEMM (baddbmm's alpha) so q is not rounded again."""
+    b, h, n, d = q.shape
+    q, k, v = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)  # (B * H, N, d); a copy of the head views
+    # softmax over keys ignores a per-row constant: q.(k_j - mean_j k) gives the same probabilities with smaller
+    # scores, so their bf16 rounding (relative to their size) costs less
+    k = (k.float() - k.float().mean(dim=1, keepdim=True)).to(k.dtype)
+    kt = k.transpose(1, 2)  # (B * H, d, N_k)
+    rows = max(1, CPU_BF16_CHUNK_BYTES // (b * h * k.shape[1] * 2))
+    scores = q.new_empty(b * h, min(rows, n), k.shape[1])  # reused by every chunk
+    out = q.new_empty(b * h, n, v.shape[-1])
+    for i in range(0, n, rows):
+        qc = q[:, i:i + rows]
+        s = scores[:, :qc.shape[1]]
+        torch.baddbmm(s, qc, kt, beta=0, alpha=d ** -0.5, out=s)
+        torch.bmm(torch.softmax(s, dim=-1), v, out=out[:, i:i + rows])
+    return out.view(b, h, n, -1)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, self_attention: bool = False) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v for q (B, H, N_q, d), k and v (B, H, N_k, d), in chunks of queries when the
-    full score matrix would exceed ATTENTION_BUDGET_BYTES. Rows are independent: chunks give the same result."""
-    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and k.shape[2] >= CPU_FP32_ATTENTION_FROM:
-        return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+    full score matrix would exceed ATTENTION_BUDGET_BYTES. Rows are independent: chunks give the same result.
+
+    bf16 self-attention on the CPU without autograd takes the GEMM path above. Not cross-attention: over 77 text
+    keys it gains nothing (0.94x), and CLIP's first token is an outlier key whose bf16-rounded score moved a
+    trained U-Net's output past the 5e-3 bound. fp32 (the exact path) is always SDPA."""
+    if (self_attention and q.dtype == torch.bfloat16 and q.device.type == "cpu"
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))):
+        return _cpu_bf16_attention(q, k, v)
     b, h, n, _ = q.shape
     rows = max(1, ATTENTION_BUDGET_BYTES // (b * h * k.shape[2] * q.element_size()))
     if rows >= n:
@@ -106,7 +135,7 @@ class Attention(nn.Module):
         context = x if context is None else context
         q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads)
                    for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
-        out = attention(q, k, v)  # (B, heads, N, dim_head)
+        out = attention(q, k, v, self_attention=context is x)  # (B, heads, N, dim_head)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 

@@ -62,7 +62,7 @@ class AttnBlock(nn.Module):
         n = self.norm(x)
         # (B, C, H, W) -> (B, 1, H*W, C): one head of width C, scale 1/sqrt(C)
         q, k, v = (rearrange(f(n), "b c h w -> b 1 (h w) c") for f in (self.q, self.k, self.v))
-        out = attention(q, k, v)  # in query chunks when the (HW)^2 scores would not fit
+        out = attention(q, k, v, self_attention=True)  # in query chunks when the (HW)^2 scores would not fit
         out = rearrange(out, "b 1 (h w) c -> b c h w", h=h, w=w)
         return x + self.proj_out(out)
 
