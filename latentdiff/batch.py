@@ -54,7 +54,7 @@ CLAIMS = ".claims"
 KILL_HOOK = "LATENTDIFF_BATCH_KILL_AT"  # tests: SIGKILL the process once job N's temporary PNG is written
 # keyword arguments of Pipeline.__call__ that a job (or the defaults) may set; a job may also give `size`
 PARAMS = ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "sampler", "schedule",
-          "timestep_spacing", "width", "height", "num_images", "clip_skip", "guidance_rescale")
+          "timestep_spacing", "width", "height", "num_images", "clip_skip", "guidance_rescale", "eta")
 
 
 # --- jobs -----------------------------------------------------------------------------------------------------

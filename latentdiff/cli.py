@@ -48,7 +48,7 @@ def _generate(a) -> None:
     pipe = _pipe(a, a.device or "cpu")
     kw = dict(prompt=a.prompt, guidance_scale=a.cfg, steps=a.steps, negative_prompt=a.negative, seed=a.seed,
               sampler=a.sampler, schedule=a.schedule, timestep_spacing=a.spacing, height=a.height, width=a.width,
-              num_images=a.num_images, clip_skip=a.clip_skip, guidance_rescale=a.guidance_rescale)
+              num_images=a.num_images, clip_skip=a.clip_skip, guidance_rescale=a.guidance_rescale, eta=a.eta)
     if a.from_png:  # the PNG's parameters fill every option not given on the command line
         given = {k: v for k, v in kw.items() if v is not None and v != DEFAULTS.get(k)}
         kw = {**kw, **read_png_parameters(a.from_png), **given}
@@ -172,7 +172,7 @@ def _generate_many(a) -> None:
                                 guidance_scale=a.cfg, sampler=a.sampler, schedule=a.schedule, timestep_spacing=a.spacing,
                                 height=a.height, width=a.width,
                                 num_images=a.num_images, clip_skip=a.clip_skip,
-                                guidance_rescale=a.guidance_rescale)
+                                guidance_rescale=a.guidance_rescale, eta=a.eta)
     except batch.BatchError as e:  # e.g. the main process could not create the folder
         raise ValueError(str(e)) from e
     finally:
@@ -217,6 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--cfg", type=float, default=None, help="guidance scale")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--sampler", default=None)
+    g.add_argument("--eta", type=float, default=None,
+                   help="noise of ddim (0), tcd (0.3), ancestral / SDE samplers (1): each one's default if unset")
     g.add_argument("--schedule", default="normal", choices=["normal", "karras", "exponential"])
     g.add_argument("--spacing", default=None, choices=["linspace", "leading", "trailing"])
     g.add_argument("-H", "--height", type=int, default=None)
@@ -242,7 +244,8 @@ def main(argv: list[str] | None = None) -> None:
                    "high 200; needs opencv-python-headless: pip install 'latentdiff[control]')")
     g.add_argument("--preset", choices=sorted(fewstep.SETTINGS), default=None,
                    help="few-step settings (steps, --cfg, --sampler, --spacing; those given still win): lcm = LCM / "
-                        "LCM-LoRA / TCD models, turbo = SD(XL)-Turbo, lightning = SDXL-Lightning 4-step")
+                        "LCM-LoRA / TCD models, turbo = SD(XL)-Turbo, lightning = SDXL-Lightning 4-step, hyper = "
+                        "Hyper-SD 8-step LoRAs")
     g.add_argument("--decoder", choices=["vae", "taesd"], default=None,
                    help="taesd: decode the final image with a TAESD decoder (--taesd FILE), faster, coarser")
     g.add_argument("--taesd", default=None, metavar="FILE",

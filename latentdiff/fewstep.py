@@ -12,8 +12,11 @@ Settings per family (model cards; the samplers reproduce the diffusers scheduler
                                                    (the U-Net embeds it, no CFG pass)
     turbo      euler_a  1      0.0       trailing  SD-Turbo / SDXL-Turbo: EulerAncestral, 1-4 steps, 512 px
     lightning  euler    4      0.0       trailing  SDXL-Lightning N-step (steps must equal N: 2, 4, 8)
+    hyper      ddim     8      0.0       trailing  Hyper-SD / Hyper-SDXL N-step LoRAs (DDIMScheduler, trailing;
+                                                   steps must equal N: 1, 2, 4, 8; the "CFG" LoRAs take 5-8)
 
-TCD (`sampler="tcd"`, TCDScheduler with eta 0.3) takes the lcm settings.
+TCD (`sampler="tcd"`, TCDScheduler; `eta` = its gamma, 0.3 default, lower for more detail) takes the lcm settings;
+Hyper-SD's 1-step unified LoRA is sampled with tcd and eta 1.0 on its card.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ SETTINGS: dict[str, dict] = {  # --preset NAME
     "lcm": dict(sampler="lcm", steps=4, guidance_scale=1.0, timestep_spacing=None),
     "turbo": dict(sampler="euler_a", steps=1, guidance_scale=0.0, timestep_spacing="trailing"),
     "lightning": dict(sampler="euler", steps=4, guidance_scale=0.0, timestep_spacing="trailing"),
+    "hyper": dict(sampler="ddim", steps=8, guidance_scale=0.0, timestep_spacing="trailing"),
 }
 DECODERS = ("vae", "taesd")
 

@@ -77,6 +77,8 @@ def format_parameters(p: dict, model: str) -> str:
               ("CFG scale", p["guidance_scale"]), ("Seed", p["seed"]), ("Size", f"{p['width']}x{p['height']}")]
     if "strength" in p:
         fields.append(("Denoising strength", p["strength"]))
+    if "eta" in p:
+        fields.append(("Eta", p["eta"]))
     fields.append(("Model", model))
     if p.get("lora_hashes"):  # A1111's entry: Lora hashes: "name: 0123456789ab, other: ..."
         fields.append(("Lora hashes", '"' + ", ".join(f"{n}: {h}" for n, h in p["lora_hashes"].items()) + '"'))
@@ -111,6 +113,8 @@ def parse_parameters(text: str) -> dict:
         out["guidance_scale"] = float(fields["CFG scale"])
     if "Seed" in fields:
         out["seed"] = int(fields["Seed"])
+    if "Eta" in fields:
+        out["eta"] = float(fields["Eta"])
     if "Size" in fields:
         w, h = fields["Size"].split("x")
         out["width"], out["height"] = int(w), int(h)

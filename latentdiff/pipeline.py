@@ -122,7 +122,8 @@ class Pipeline(Loading):
         """Text to image. Keywords (all optional): guidance_scale, steps, negative_prompt, seed (None = random,
         see `last_seed`), sampler, schedule ("normal" | "karras" | "exponential"), timestep_spacing, height, width,
         num_images (per prompt), output ("pil" | "latent"), guidance_rescale, clip_skip, callback, progress,
-        decoder ("vae" | "taesd": a loaded TAESD decoder instead of the VAE, see latentdiff/fewstep.py),
+        decoder ("vae" | "taesd": a loaded TAESD decoder instead of the VAE, see latentdiff/fewstep.py), eta (the
+        noise of ddim / tcd / ancestral and SDE samplers, None = each one's default: 0 / 0.3 / 1),
         keep_text_encoders (False: free the text encoders' weights once the prompts are encoded, speed.py).
         Returns a list of PIL images, or the final latents (B, 4, H/f, W/f), not divided by the VAE scaling
         factor, with output="latent". callback(step, sigma, latents) runs after every step.
@@ -167,7 +168,8 @@ class Pipeline(Loading):
                 width=None, num_images=1, output="pil", guidance_rescale=0.0, clip_skip=None, callback=None,
                 progress=True, denoising_start=None, denoising_end=None, aesthetic_score=6.0,
                 negative_aesthetic_score=2.5, controlnet=None, control_image=None, controlnet_scale=1.0,
-                control_start=0.0, control_end=1.0, guess_mode=False, decoder="vae", keep_text_encoders=True):
+                control_start=0.0, control_end=1.0, guess_mode=False, decoder="vae", keep_text_encoders=True,
+                eta=None):
         guidance_scale = self.cfg.guidance_scale if guidance_scale is None else guidance_scale
         control = None  # ControlNets (latentdiff/control.py), validated before anything runs
         if controlnet is not None:
@@ -196,6 +198,7 @@ class Pipeline(Loading):
         self._check_args(steps=steps, sampler=sampler, height=height, width=width, num_images=num_images,
                          output=output, guidance_scale=guidance_scale, timestep_spacing=timestep_spacing,
                          strength=strength)
+        samplers.check_eta(sampler, eta)
         fewstep.check_decoder(decoder, self.preview_decoder, self.source or self.cfg.name)
         seed = self._seed(seed)
         timestep_spacing = timestep_spacing or self.cfg.timestep_spacing
@@ -246,7 +249,7 @@ class Pipeline(Loading):
         x0_start = None if mask is not None and start == 0 else x0  # inpaint at strength 1: pure noise, as diffusers
         latents = self._sample(sampler, noise, sched, cond, num_images, height, width, guidance_scale,
                                guidance_rescale, generator, callback, progress, c_concat, x0_start, blend,
-                               (aesthetic_score, negative_aesthetic_score), control)
+                               (aesthetic_score, negative_aesthetic_score), control, eta)
         self.last_seed = seed
         if output == "latent":
             return latents
@@ -257,6 +260,8 @@ class Pipeline(Loading):
             params["lora_hashes"] = lora_hashes
         if image is not None:
             params["strength"] = strength
+        if eta is not None:
+            params["eta"] = eta
         if control is not None:
             params["controlnets"] = control.infotext()
         return self.decode(latents, params, decoder)
@@ -268,7 +273,7 @@ class Pipeline(Loading):
             return post.sample(generator).float() * self.cfg.vae.scaling_factor
 
     def _sample(self, sampler, x, sched, cond: Conditioning, n, h, w, guidance_scale, guidance_rescale, generator,
-                callback, progress, c_concat=None, x0=None, blend=None, scores=(6.0, 2.5), control=None):
+                callback, progress, c_concat=None, x0=None, blend=None, scores=(6.0, 2.5), control=None, eta=None):
         unet_fn = self._unet_fn if control is None else control.unet_fn(
             self._unet_fn, sched, guidance_scale > 1, self.device, self.dtype, self._running)
         model = Denoiser(unet_fn, self.alphas_cumprod, self.cfg.prediction_type)
@@ -283,10 +288,11 @@ class Pipeline(Loading):
             extra["c_concat"] = c_concat
         if blend is not None:
             model = _KeepKnown(model, *blend)
-        with torch.inference_mode(), speed.on_device(self.unet, self.device, self.offload):
+        heap = speed.heap_held() if self.device.type == "cpu" else contextlib.nullcontext()
+        with torch.inference_mode(), speed.on_device(self.unet, self.device, self.offload), heap:
             step_cb = None if callback is None else lambda d: callback(d["i"], d["sigma"], d["x"])
             return samplers.sample(sampler, model, x, sched, extra, callback=step_cb, generator=generator,
-                                   disable=not progress, x0=x0)
+                                   disable=not progress, x0=x0, eta=eta)
 
     def decode(self, latents: torch.Tensor, params: dict | None = None, decoder: str = "vae") -> list[Image.Image]:
         """Latents (B, 4, h, w), as the sampler returns them -> PIL images. Latents larger than

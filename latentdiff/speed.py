@@ -131,29 +131,47 @@ def release_freed_memory() -> None:
         pass
 
 
-# glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-# Freed heap kept for reuse before glibc trims its top (the peak-RSS cost of hold_freed_heap)
+# glibc's mallopt parameters and defaults (malloc.h, malloc/malloc.c)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+_MMAP_MAX_DEFAULT, _TRIM_DEFAULT = 65536, 128 << 10
+_MMAP_THRESHOLD_MAX = 32 << 20  # where glibc's dynamic threshold ends up for large tensors
+# Freed heap kept for reuse before glibc trims its top, while sampling (the peak-RSS cost of heap_held)
 HEAP_HOLD_BYTES = 1 << 30
 _MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
 
 
-@functools.cache
-def hold_freed_heap() -> bool:
-    """Serve large tensors from glibc's heap and keep freed heap for reuse (process-wide, once).
-
-    glibc maps every block above its 32 MB mmap threshold afresh and unmaps it on free, so each such tensor
-    page-faults all its pages on first touch: every full-resolution activation of a 512-px VAE decode (67 MB in
-    bf16) and the U-Net's largest ones. Heap blocks are reused instead: the 512-px decode 3.24 -> 2.44 s, a
-    512-px U-Net call -5% (benchmarks/README.md "512 px and up"). Left alone where the user set glibc's own
-    malloc variables, and off glibc. Returns whether the policy was set."""
-    if any(os.environ.get(k) for k in _MALLOC_ENV):
-        return False
+def _mallopt():
+    if any(os.environ.get(k) for k in _MALLOC_ENV):  # the user's own malloc settings win
+        return None
     try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
+        return ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # not glibc
-        return False
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, HEAP_HOLD_BYTES))
+        return None
+
+
+@contextlib.contextmanager
+def heap_held():
+    """While sampling on the CPU: large tensors from glibc's heap, freed heap kept for the next U-Net call.
+
+    glibc maps every block above its (at most 32 MB) mmap threshold afresh and unmaps it on free, so each such
+    tensor page-faults all its pages on first touch, in every U-Net call: SD 1.5 at 512 px, a step 4.0 -> 2.6 s
+    (benchmarks/README.md "512 px and up"). Not for the VAE decode: there the held heap fragments (peak RSS
+    +0.6 GB for 0.8 s), so on exit the heap goes back to the OS (malloc_trim) and large blocks to mmap again
+    (threshold fixed at glibc's dynamic maximum, 32 MB: setting any parameter ends the dynamic one). Nothing
+    changes where the user set glibc's malloc variables, or off glibc."""
+    mallopt = _mallopt()
+    if mallopt is None:
+        yield
+        return
+    mallopt(_M_MMAP_MAX, 0)
+    mallopt(_M_TRIM_THRESHOLD, HEAP_HOLD_BYTES)
+    try:
+        yield
+    finally:
+        mallopt(_M_MMAP_MAX, _MMAP_MAX_DEFAULT)
+        mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
+        mallopt(_M_TRIM_THRESHOLD, _TRIM_DEFAULT)
+        release_freed_memory()
 
 
 def unpack_conv_weights(module: nn.Module) -> None:
@@ -186,11 +204,8 @@ def on_device(module: nn.Module, device: torch.device, offload: bool):
 @contextlib.contextmanager
 def packed(module: nn.Module, device: torch.device, exact: bool, offload: bool):
     """On the CPU, unless exact (or offloading, which moves weights), run `module` with prepacked conv weights
-    (pack_conv_weights) and large tensors from the heap (hold_freed_heap). Its first run packs, then returns the
-    freed plain weights' memory to the OS."""
+    (pack_conv_weights). Its first run packs, then returns the freed plain weights' memory to the OS."""
     first = device.type == "cpu" and not exact and not offload and pack_conv_weights(module)
-    if first:
-        hold_freed_heap()
     yield
     if first:
         release_freed_memory()

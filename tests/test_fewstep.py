@@ -46,7 +46,8 @@ def test_consistency_samplers_match_diffusers(pair, sampler, cls, dkw, steps, gu
 
 
 @pytest.mark.parametrize("sampler, steps, cls", [("euler_a", 1, "EulerAncestralDiscreteScheduler"),
-                                                 ("euler", 4, "EulerDiscreteScheduler")], ids=["turbo", "lightning"])
+                                                 ("euler", 4, "EulerDiscreteScheduler"),
+                                                 ("ddim", 8, "DDIMScheduler")], ids=["turbo", "lightning", "hyper"])
 def test_turbo_lightning_settings_match_diffusers(pair, sampler, steps, cls):
     pipe, dpipe, config = pair
     dpipe.scheduler = getattr(diffusers, cls).from_config(config, timestep_spacing="trailing")
@@ -218,6 +219,10 @@ def test_cli_presets_fill_unset_options_and_decoder_taesd(tmp_path):
     assert (p["steps"], p["sampler"], p["guidance_scale"]) == (1, "euler_a", 0.0)
     p = run("--preset", "lightning", "--steps", "2", "--cfg", "1.5")  # given options win
     assert (p["steps"], p["sampler"], p["guidance_scale"]) == (2, "euler", 1.5)
+    p = run("--preset", "hyper", "--steps", "2")
+    assert (p["steps"], p["sampler"], p["guidance_scale"]) == (2, "ddim", 0.0) and "eta" not in p
+    p = run("--preset", "lcm", "--sampler", "tcd", "--eta", "0.5")  # eta is written to the PNG and read back
+    assert (p["steps"], p["sampler"], p["eta"]) == (4, "tcd", 0.5)
     _taesd_file(tmp_path / "taesd_decoder.safetensors")
     p = run("--preset", "lcm", "--decoder", "taesd", "--taesd", str(tmp_path / "taesd_decoder.safetensors"))
     assert (p["steps"], p["sampler"], p["guidance_scale"]) == (4, "lcm", 1.0)
@@ -233,3 +238,31 @@ def test_lcm_preset_keeps_a_distilled_models_guidance():
     assert preset_settings("lcm", with_guidance_embedding(PRESETS["tiny-sd15"], 16))["guidance_scale"] == 8.5
     with pytest.raises(ValueError, match="preset must be one of"):
         preset_settings("hyper", PRESETS["tiny-sd15"])
+
+
+@pytest.mark.parametrize("sampler, cls, eta", [("tcd", "TCDScheduler", 0.0), ("tcd", "TCDScheduler", 0.7),
+                                               ("ddim", "DDIMScheduler", 0.5)])
+def test_eta_reaches_the_sampler_as_in_diffusers(pair, sampler, cls, eta):
+    """pipe(..., eta=) is diffusers' pipeline eta (TCD's gamma, DDIM's sigma_t(eta)); it changes the image."""
+    pipe, dpipe, config = pair
+    dpipe.scheduler = getattr(diffusers, cls).from_config(config)
+    neg, g = NEG, torch.Generator("cpu").manual_seed(0)
+    theirs = dpipe(PROMPT, negative_prompt=neg, num_inference_steps=4, guidance_scale=7.5, height=64, width=64,
+                   generator=g, output_type="latent", eta=eta).images
+    ours = pipe(PROMPT, negative_prompt=neg, guidance_scale=7.5, steps=4, seed=0, sampler=sampler, height=64,
+                width=64, output="latent", progress=False, eta=eta)
+    default = pipe(PROMPT, negative_prompt=neg, guidance_scale=7.5, steps=4, seed=0, sampler=sampler, height=64,
+                   width=64, output="latent", progress=False)
+    assert rel_err(ours, theirs) < 1e-3, rel_err(ours, theirs)
+    assert rel_err(ours, default) > 1e-3  # 0.3 / 0.0 are the defaults: eta really arrived
+
+
+def test_eta_errors_name_the_sampler():
+    pipe = tiny_pipe("tiny-sd15")
+    with pytest.raises(ValueError, match=r"sampler 'euler' takes no eta; eta is for \[.*'ddim'.*'tcd'"):
+        pipe("x", sampler="euler", eta=0.5, steps=1, height=64, width=64, output="latent", progress=False)
+    with pytest.raises(ValueError, match=r"eta for 'tcd' must be in \[0, 1\], got 1.5"):
+        pipe("x", sampler="tcd", eta=1.5, steps=1, height=64, width=64, output="latent", progress=False)
+    with pytest.raises(ValueError, match=r"eta for 'ddim' must be >= 0, got -0.1"):
+        pipe("x", sampler="ddim", eta=-0.1, steps=1, height=64, width=64, output="latent", progress=False)
+    assert {"ddim", "tcd", "euler_a", "dpmpp_2s_a"} <= set(samplers.eta_samplers())

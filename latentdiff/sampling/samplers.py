@@ -8,11 +8,12 @@ so a CPU generator seeded like diffusers' pipeline gives the same latents. callb
 DDIM / DDPM / PNDM / UniPC / DPM-Solver are rewritten from alphas to sigmas with alphas_cumprod = 1/(1+sigma^2).
 
 ``SAMPLERS`` at the end is the one sampler table (function, schedule family, A1111 label): a new sampler is its
-function plus one row there. LCM / TCD (family "lcm") also take ``schedule=``, the Schedule being sampled: their
-steps depend on its integer timesteps, not only on the sigmas.
+function plus one row there. The k-diffusion family is here; DDIM, DDPM, PNDM, LCM and TCD are in vp.py, the
+step helpers they share in steps.py.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -25,32 +26,8 @@ from .denoiser import Denoiser
 # loop through denoiser.py, which needs schedules first)
 from . import schedules
 from .schedules import Schedule
-
-
-def _randn(x, generator):
-    # diffusers' randn_tensor: drawn on the generator's device (CPU for reproducible seeds), then moved
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
-
-
-def _to_d(x, sigma, denoised):
-    """dx/dsigma of the probability-flow ODE in VE space (= eps)."""
-    return (x - denoised) / sigma
-
-
-def _ancestral_step(sigma_from, sigma_to, eta=1.0):
-    """Split sigma_from -> sigma_to into a deterministic step to sigma_down plus fresh noise of std sigma_up."""
-    sigma_up = torch.minimum(sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
-    return (sigma_to**2 - sigma_up**2) ** 0.5, sigma_up
-
-
-def _setup(x, extra_args):
-    return extra_args or {}, x.new_ones([x.shape[0]])  # s_in (B,): sigma per batch element
-
-
-def _report(callback, i, sigma, x, denoised):
-    if callback is not None:
-        callback({"i": i, "sigma": sigma, "x": x, "denoised": denoised})
+from .steps import ancestral_step, randn, report, setup, to_d
+from .vp import sample_ddim, sample_ddpm, sample_lcm, sample_pndm, sample_tcd
 
 
 # --- k-diffusion samplers (Karras et al. 2022 and successors) -----------------------------------------------------
@@ -58,11 +35,11 @@ def _report(callback, i, sigma, x, denoised):
 @torch.no_grad()
 def sample_euler(model, x, sigmas, extra_args=None, callback=None, generator=None, disable=None):
     """Euler's method on the probability-flow ODE (Karras et al. 2022, Alg. 2 without churn). = EulerDiscrete."""
-    extra_args, s_in = _setup(x, extra_args)
+    extra_args, s_in = setup(x, extra_args)
     for i in trange(len(sigmas) - 1, disable=disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
-        _report(callback, i, sigmas[i], x, denoised)
-        x = x + _to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
+        report(callback, i, sigmas[i], x, denoised)
+        x = x + to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
     return x
 
 
@@ -70,30 +47,30 @@ def sample_euler(model, x, sigmas, extra_args=None, callback=None, generator=Non
 def sample_euler_a(model, x, sigmas, extra_args=None, callback=None, generator=None, disable=None):
     """Ancestral Euler (k-diffusion; the DDPM ancestral step of Ho et al. 2020 in sigma form).
     = EulerAncestralDiscrete, which draws noise at every step, the last one included."""
-    extra_args, s_in = _setup(x, extra_args)
+    extra_args, s_in = setup(x, extra_args)
     for i in trange(len(sigmas) - 1, disable=disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
-        _report(callback, i, sigmas[i], x, denoised)
-        sigma_down, sigma_up = _ancestral_step(sigmas[i], sigmas[i + 1])
-        x = x + _to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
-        x = x + _randn(x, generator) * sigma_up
+        report(callback, i, sigmas[i], x, denoised)
+        sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1])
+        x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
+        x = x + randn(x, generator) * sigma_up
     return x
 
 
 @torch.no_grad()
 def sample_heun(model, x, sigmas, extra_args=None, callback=None, generator=None, disable=None):
     """Heun's 2nd-order method (Karras et al. 2022, Alg. 1); Euler for the last step to 0. = HeunDiscrete."""
-    extra_args, s_in = _setup(x, extra_args)
+    extra_args, s_in = setup(x, extra_args)
     for i in trange(len(sigmas) - 1, disable=disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
-        _report(callback, i, sigmas[i], x, denoised)
-        d = _to_d(x, sigmas[i], denoised)
+        report(callback, i, sigmas[i], x, denoised)
+        d = to_d(x, sigmas[i], denoised)
         dt = sigmas[i + 1] - sigmas[i]
         if sigmas[i + 1] == 0:
             x = x + d * dt
             continue
         x_2 = x + d * dt
-        d_2 = _to_d(x_2, sigmas[i + 1], model(x_2, sigmas[i + 1] * s_in, **extra_args))
+        d_2 = to_d(x_2, sigmas[i + 1], model(x_2, sigmas[i + 1] * s_in, **extra_args))
         x = x + (d + d_2) / 2 * dt
     return x
 
@@ -102,17 +79,17 @@ def sample_heun(model, x, sigmas, extra_args=None, callback=None, generator=None
 def sample_dpm2(model, x, sigmas, extra_args=None, callback=None, generator=None, disable=None):
     """DPM-Solver-2 midpoint in log sigma (Lu et al. 2022, as in k-diffusion / Karras et al. 2022 "DPM2").
     = KDPM2Discrete (its midpoint computed with the same float32 lerp, so the timestep matches too)."""
-    extra_args, s_in = _setup(x, extra_args)
+    extra_args, s_in = setup(x, extra_args)
     for i in trange(len(sigmas) - 1, disable=disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
-        _report(callback, i, sigmas[i], x, denoised)
-        d = _to_d(x, sigmas[i], denoised)
+        report(callback, i, sigmas[i], x, denoised)
+        d = to_d(x, sigmas[i], denoised)
         if sigmas[i + 1] == 0:
             x = x + d * (sigmas[i + 1] - sigmas[i])
             continue
         sigma_mid = sigmas[i + 1].log().lerp(sigmas[i].log(), 0.5).exp()
         x_2 = x + d * (sigma_mid - sigmas[i])
-        d_2 = _to_d(x_2, sigma_mid, model(x_2, sigma_mid * s_in, **extra_args))
+        d_2 = to_d(x_2, sigma_mid, model(x_2, sigma_mid * s_in, **extra_args))
         x = x + d_2 * (sigmas[i + 1] - sigmas[i])
     return x
 
@@ -122,20 +99,20 @@ def sample_dpm2_a(model, x, sigmas, extra_args=None, callback=None, generator=No
     """Ancestral DPM-Solver-2 (k-diffusion). = KDPM2AncestralDiscrete: noise after each 2nd-order step, none on
     the final Euler step to 0. Its midpoint is the next grid sigma (up to rounding), so the Denoiser gives it that
     grid timestep; diffusers' karras variant feeds the unrounded one there (< 0.5 timestep apart)."""
-    extra_args, s_in = _setup(x, extra_args)
+    extra_args, s_in = setup(x, extra_args)
     for i in trange(len(sigmas) - 1, disable=disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
-        _report(callback, i, sigmas[i], x, denoised)
-        sigma_down, sigma_up = _ancestral_step(sigmas[i], sigmas[i + 1])
-        d = _to_d(x, sigmas[i], denoised)
+        report(callback, i, sigmas[i], x, denoised)
+        sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1])
+        d = to_d(x, sigmas[i], denoised)
         if sigma_down == 0:
             x = x + d * (sigma_down - sigmas[i])
             continue
         sigma_mid = sigmas[i].log().lerp(sigma_down.log(), 0.5).exp()
         x_2 = x + d * (sigma_mid - sigmas[i])
-        d_2 = _to_d(x_2, sigma_mid, model(x_2, sigma_mid * s_in, **extra_args))
+        d_2 = to_d(x_2, sigma_mid, model(x_2, sigma_mid * s_in, **extra_args))
         x = x + d_2 * (sigma_down - sigmas[i])
-        x = x + _randn(x, generator) * sigma_up
+        x = x + randn(x, generator) * sigma_up
     return x
 
 
@@ -156,14 +133,14 @@ def _lms_coeff(order, sigmas, i, j):
 def sample_lms(model, x, sigmas, extra_args=None, callback=None, generator=None, disable=None):
     """Linear multistep (Adams-Bashforth on the sigma grid), order 4 (Karras et al. 2022 / k-diffusion).
     = LMSDiscrete."""
-    extra_args, s_in = _setup(x, extra_args)
+    extra_args, s_in = setup(x, extra_args)
     order = 4
     sigmas_np = sigmas.double().cpu().numpy()
     ds = []
     for i in trange(len(sigmas) - 1, disable=disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
-        _report(callback, i, sigmas[i], x, denoised)
-        ds = (ds + [_to_d(x, sigmas[i], denoised)])[-order:]
+        report(callback, i, sigmas[i], x, denoised)
+        ds = (ds + [to_d(x, sigmas[i], denoised)])[-order:]
         cur = min(i + 1, order)
         x = x + sum(_lms_coeff(cur, sigmas_np, i, j) * d for j, d in enumerate(reversed(ds)))
     return x
@@ -175,11 +152,11 @@ def sample_lms(model, x, sigmas, extra_args=None, callback=None, generator=None,
 def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, generator=None, disable=None):
     """DPM-Solver++(2M), multistep 2nd order; 1st order on the first step and on the last step to 0.
     = DPMSolverMultistep(algorithm_type="dpmsolver++", solver_order=2) with its lower_order_final."""
-    extra_args, s_in = _setup(x, extra_args)
+    extra_args, s_in = setup(x, extra_args)
     old_denoised, h_last = None, None
     for i in trange(len(sigmas) - 1, disable=disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
-        _report(callback, i, sigmas[i], x, denoised)
+        report(callback, i, sigmas[i], x, denoised)
         h = sigmas[i].log() - sigmas[i + 1].log()
         if old_denoised is not None and sigmas[i + 1] != 0:
             r = h_last / h
@@ -195,12 +172,12 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, generator=
 def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, generator=None, disable=None):
     """SDE-DPM-Solver++(2M), midpoint variant, eta 1 (Lu et al. 2022, sec. 5 / k-diffusion).
     = DPMSolverMultistep(algorithm_type="sde-dpmsolver++"): one noise draw per step, the last one included."""
-    extra_args, s_in = _setup(x, extra_args)
+    extra_args, s_in = setup(x, extra_args)
     old_denoised, h_last = None, None
     for i in trange(len(sigmas) - 1, disable=disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
-        _report(callback, i, sigmas[i], x, denoised)
-        noise = _randn(x, generator)
+        report(callback, i, sigmas[i], x, denoised)
+        noise = randn(x, generator)
         if sigmas[i + 1] == 0:
             x = denoised
             continue
@@ -219,11 +196,11 @@ def sample_dpmpp_2s_a(model, x, sigmas, extra_args=None, callback=None, generato
     """Ancestral DPM-Solver++(2S): single-step 2nd order to sigma_down with the midpoint halfway in log sigma,
     then noise sigma_up (k-diffusion / A1111 "DPM++ 2S a"). No diffusers scheduler is ancestral; with eta=0 this
     is DPMSolverSinglestep(dpmsolver++, order 2) on a grid whose odd points are the log-midpoints (tested)."""
-    extra_args, s_in = _setup(x, extra_args)
+    extra_args, s_in = setup(x, extra_args)
     for i in trange(len(sigmas) - 1, disable=disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
-        _report(callback, i, sigmas[i], x, denoised)
-        sigma_down, sigma_up = _ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        report(callback, i, sigmas[i], x, denoised)
+        sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
         if sigma_down == 0:
             x = denoised
         else:
@@ -233,7 +210,7 @@ def sample_dpmpp_2s_a(model, x, sigmas, extra_args=None, callback=None, generato
             denoised_2 = model(x_2, sigma_mid * s_in, **extra_args)
             x = sigma_down / sigmas[i] * x - torch.expm1(-h) * denoised_2
         if eta > 0 and sigmas[i + 1] > 0:
-            x = x + _randn(x, generator) * sigma_up
+            x = x + randn(x, generator) * sigma_up
     return x
 
 
@@ -246,24 +223,24 @@ def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, generator
     reproduce; here both are independent draws from ``generator`` (midpoint first). Same marginals, not the same
     numbers; the tests check the deterministic limit (eta=0) and the sampled distribution instead.
     """
-    extra_args, s_in = _setup(x, extra_args)
+    extra_args, s_in = setup(x, extra_args)
     for i in trange(len(sigmas) - 1, disable=disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
-        _report(callback, i, sigmas[i], x, denoised)
+        report(callback, i, sigmas[i], x, denoised)
         if sigmas[i + 1] == 0:
             x = denoised
             continue
         t, t_next = -sigmas[i].log(), -sigmas[i + 1].log()
         sigma_mid = (-(t + (t_next - t) / 2)).exp()
-        sd, su = _ancestral_step(sigmas[i], sigma_mid, eta)
+        sd, su = ancestral_step(sigmas[i], sigma_mid, eta)
         x_2 = sd / sigmas[i] * x - torch.expm1(t + sd.log()) * denoised
         if eta > 0:
-            x_2 = x_2 + _randn(x, generator) * su
+            x_2 = x_2 + randn(x, generator) * su
         denoised_2 = model(x_2, sigma_mid * s_in, **extra_args)
-        sd, su = _ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        sd, su = ancestral_step(sigmas[i], sigmas[i + 1], eta)
         x = sd / sigmas[i] * x - torch.expm1(t + sd.log()) * denoised_2
         if eta > 0:
-            x = x + _randn(x, generator) * su
+            x = x + randn(x, generator) * su
     return x
 
 
@@ -271,13 +248,13 @@ def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, generator
 def sample_unipc(model, x, sigmas, extra_args=None, callback=None, generator=None, disable=None):
     """UniPC, B(h) = e^h - 1 ("bh2"), order 2, data prediction (Zhao et al. 2023): a multistep predictor, and a
     corrector that reuses the model output at the predicted point. = UniPCMultistep with its lower_order_final."""
-    extra_args, s_in = _setup(x, extra_args)
+    extra_args, s_in = setup(x, extra_args)
     N = len(sigmas) - 1
     lam = -sigmas.log()  # (N+1,) log-SNR; +inf at sigma 0
     ms, x_last, order_last = [], None, 0  # ms: x0 predictions, newest last
     for i in trange(N, disable=disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
-        _report(callback, i, sigmas[i], x, denoised)
+        report(callback, i, sigmas[i], x, denoised)
         if x_last is not None:  # UniC: correct x with the new model output
             h = lam[i] - lam[i - 1]
             hphi = torch.expm1(-h)  # h * phi_1(-h) = B(h)
@@ -302,121 +279,6 @@ def sample_unipc(model, x, sigmas, extra_args=None, callback=None, generator=Non
             rk = (lam[i - 1] - lam[i]) / h
             x = x - hphi * 0.5 * (ms[-2] - ms[-1]) / rk
     return x
-
-
-# --- DDPM-era samplers, rewritten in sigmas (alphas_cumprod = 1 / (1 + sigma^2)) -----------------------------
-
-def _vp_out(x, sigmas):
-    """The VP latent diffusers returns: DDIM / PNDM stop at sigma_min > 0, where x_vp = x / sqrt(1 + sigma^2)."""
-    return x / (1 + sigmas[-1] ** 2) ** 0.5
-
-
-@torch.no_grad()
-def sample_ddim(model, x, sigmas, extra_args=None, callback=None, generator=None, disable=None, eta=0.0):
-    """DDIM (Song et al. 2021, eq. 12); eta=0 is Euler in VE space. = DDIMScheduler: ends at alphas_cumprod[0]
-    (set_alpha_to_one False), so the result is the VP latent x / sqrt(1 + sigma_last^2)."""
-    extra_args, s_in = _setup(x, extra_args)
-    for i in trange(len(sigmas) - 1, disable=disable):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
-        _report(callback, i, sigmas[i], x, denoised)
-        eps = _to_d(x, sigmas[i], denoised)
-        a_t, a_p = 1 / (1 + sigmas[i] ** 2), 1 / (1 + sigmas[i + 1] ** 2)
-        std = eta * ((1 - a_p) / (1 - a_t) * (1 - a_t / a_p)) ** 0.5  # sigma_t(eta) of eq. 16
-        x = denoised + ((1 - a_p - std**2) / a_p) ** 0.5 * eps  # VP update divided by sqrt(a_p)
-        if eta > 0:
-            x = x + _randn(x, generator) * std / a_p**0.5
-    return _vp_out(x, sigmas)
-
-
-@torch.no_grad()
-def sample_ddpm(model, x, sigmas, extra_args=None, callback=None, generator=None, disable=None):
-    """Ancestral DDPM posterior step q(x_prev | x_t, x0) (Ho et al. 2020, eq. 6-7), variance "fixed_small"
-    (clamped at 1e-20, so the last step to sigma 0 still draws). = DDPMScheduler."""
-    extra_args, s_in = _setup(x, extra_args)
-    for i in trange(len(sigmas) - 1, disable=disable):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
-        _report(callback, i, sigmas[i], x, denoised)
-        a_t, a_p = 1 / (1 + sigmas[i] ** 2), 1 / (1 + sigmas[i + 1] ** 2)
-        beta = 1 - a_t / a_p
-        mean_vp = a_p**0.5 * beta / (1 - a_t) * denoised + (a_t / a_p) ** 0.5 * (1 - a_p) / (1 - a_t) * a_t**0.5 * x
-        var = ((1 - a_p) / (1 - a_t) * beta).clamp(min=1e-20)
-        x = (mean_vp + var**0.5 * _randn(x, generator)) / a_p**0.5
-    return _vp_out(x, sigmas)
-
-
-@torch.no_grad()
-def sample_pndm(model, x, sigmas, extra_args=None, callback=None, generator=None, disable=None):
-    """PLMS, the pseudo linear multistep method of PNDM (Liu et al. 2022) with skip_prk_steps: a Heun step on eps
-    first, then Adams-Bashforth of order 2, 3, 4 on eps (the VE derivative) with DDIM's transfer, which is an Euler
-    step in VE. = PNDMScheduler(skip_prk_steps=True); ends at sigma_min like DDIM. For v models diffusers
-    extrapolates the raw v outputs instead of eps, a different multistep method; we keep eps for both."""
-    extra_args, s_in = _setup(x, extra_args)
-    ds = []
-    ab = {1: [1], 2: [3 / 2, -1 / 2], 3: [23 / 12, -16 / 12, 5 / 12], 4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
-    for i in trange(len(sigmas) - 1, disable=disable):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
-        _report(callback, i, sigmas[i], x, denoised)
-        d = _to_d(x, sigmas[i], denoised)
-        dt = sigmas[i + 1] - sigmas[i]
-        if i == 0 and len(sigmas) > 2:  # diffusers' PLMS warm-up: evaluate at the Euler point and average
-            x_2 = x + d * dt
-            d_2 = _to_d(x_2, sigmas[i + 1], model(x_2, sigmas[i + 1] * s_in, **extra_args))
-            ds = [d]  # the warm-up evaluation is not kept in the history
-            x = x + (d + d_2) / 2 * dt
-            continue
-        ds = (ds + [d])[-4:]
-        x = x + sum(c * e for c, e in zip(ab[len(ds)], reversed(ds))) * dt
-    return _vp_out(x, sigmas)
-
-
-# --- consistency-distilled samplers (integer timesteps of the distillation grid, schedules "lcm" family) -------
-
-def _lcm_scalings(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """LCM's boundary-condition scalings c_skip, c_out at the integer timestep t (Song et al. 2023, sec. 3.1 with
-    sigma_data 0.5; Luo et al. 2023 scale t by 10 so that c_skip ~ 0 and c_out ~ 1 at every grid step, as in
-    diffusers' get_scalings_for_boundary_condition_discrete, timestep_scaling 10)."""
-    sigma_data, st = 0.5, t * 10.0
-    return sigma_data**2 / (st**2 + sigma_data**2), st / (st**2 + sigma_data**2) ** 0.5
-
-
-@torch.no_grad()
-def sample_lcm(model, x, sigmas, extra_args=None, callback=None, generator=None, disable=None, schedule=None):
-    """Multistep latent consistency sampling (Luo et al. 2023, "Latent Consistency Models", Alg. 3): the
-    consistency function f = c_skip(t) x_vp + c_out(t) x0, then fresh noise up to the next sigma (none after the
-    last step). = LCMScheduler. ``schedule`` gives the integer timesteps t the scalings need."""
-    extra_args, s_in = _setup(x, extra_args)
-    for i in trange(len(sigmas) - 1, disable=disable):
-        x0 = model(x, sigmas[i] * s_in, **extra_args)
-        c_skip, c_out = _lcm_scalings(schedule.timesteps[i].to(x.device))
-        denoised = c_out * x0 + c_skip * x / (sigmas[i] ** 2 + 1) ** 0.5  # the scalings act on the VP sample
-        _report(callback, i, sigmas[i], x, denoised)
-        x = denoised
-        if i < len(sigmas) - 2:
-            x = x + _randn(x, generator) * sigmas[i + 1]  # VP sqrt(a') x0 + sqrt(1 - a') z, divided by sqrt(a')
-    return x
-
-
-@torch.no_grad()
-def sample_tcd(model, x, sigmas, extra_args=None, callback=None, generator=None, disable=None, schedule=None,
-               eta=0.3):
-    """Trajectory consistency distillation's strategic stochastic sampling (Zheng et al. 2024, "TCD", Alg. 4;
-    gamma = eta): from t jump along the trajectory to s = floor((1 - eta) t_prev) with the predicted x0 and eps,
-    then noise forward from s to t_prev (not on the last step, whose s is 0). eta 0 is deterministic (DDIM on the
-    LCM grid). = TCDScheduler.step(eta=0.3); it ends at alphas_cumprod[0], as DDIM does (sigmas[-1])."""
-    extra_args, s_in = _setup(x, extra_args)
-    N = len(sigmas) - 1
-    train_sigmas = schedule.log_sigmas.double().exp()  # (T,) to look up sigma at s, off the grid
-    for i in trange(N, disable=disable):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
-        _report(callback, i, sigmas[i], x, denoised)
-        eps = _to_d(x, sigmas[i], denoised)
-        t_prev = schedule.timesteps[i + 1].long() if i + 1 < N else torch.tensor(0)
-        s = int(torch.floor((1 - eta) * t_prev))  # float32 product, as diffusers rounds it
-        sigma_s = train_sigmas[s].to(x)
-        x = denoised + sigma_s * eps
-        if eta > 0 and i + 1 < N:
-            x = x + _randn(x, generator) * (sigmas[i + 1] ** 2 - sigma_s**2).clamp(min=0) ** 0.5
-    return _vp_out(x, sigmas)
 
 
 @dataclass(frozen=True)
@@ -461,6 +323,21 @@ def get_sigmas(name: str, steps: int, schedule: str = "normal", spacing: str | N
                                    round_karras_t=row.round_karras_t, last_to_zero=row.last_to_zero)
 
 
+def eta_samplers() -> list[str]:
+    """Samplers with a noise amount `eta`: DDIM's sigma_t(eta) (0 default), TCD's gamma (0.3), the ancestral /
+    SDE ones' k-diffusion multiplier (1)."""
+    return sorted(n for n, row in SAMPLERS.items() if "eta" in inspect.signature(row.fn).parameters)
+
+
+def check_eta(name: str, eta: float | None) -> None:
+    if eta is None:
+        return
+    if name not in eta_samplers():
+        raise ValueError(f"sampler {name!r} takes no eta; eta is for {eta_samplers()}")
+    if not isinstance(eta, (int, float)) or not 0.0 <= eta <= (1.0 if name == "tcd" else float("inf")):
+        raise ValueError(f"eta for {name!r} must be {'in [0, 1]' if name == 'tcd' else '>= 0'}, got {eta!r}")
+
+
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, schedule: Schedule) -> torch.Tensor:
     """img2img starting point at the first step of the (cut) schedule: x0 + sigma * noise. This is diffusers'
     add_noise for every scheduler: sigma schedulers add sigma * noise; DDIM-like ones give sqrt(a) x0 + sqrt(1-a)
@@ -470,16 +347,19 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, schedule: Schedule) -> torc
 
 @torch.no_grad()
 def sample(name: str, model, noise: torch.Tensor | None, schedule: Schedule, extra_args: dict | None = None,
-           callback=None, generator=None, disable=None, x0: torch.Tensor | None = None) -> torch.Tensor:
+           callback=None, generator=None, disable=None, x0: torch.Tensor | None = None,
+           eta: float | None = None) -> torch.Tensor:
     """Run sampler ``name`` from ``noise`` (B, C, h, w) over ``schedule``; returns the final (VP) latents.
 
     txt2img: x = noise * schedule.init_noise_sigma. img2img: pass the clean latents x0 and the cut schedule
     ``schedule[strength_start(steps, strength):]``; x = add_noise(x0, noise, schedule). A refiner handoff passes
     noise=None and the handed-over latents as x0. A Denoiser model is
-    given the schedule so its timesteps are exactly diffusers'.
+    given the schedule so its timesteps are exactly diffusers'. ``eta`` (None: the sampler's default) is the
+    noise of the samplers that take one (check_eta).
     """
     if name not in SAMPLERS:
         raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {name!r}")
+    check_eta(name, eta)
     extra_args = dict(extra_args or {})
     if isinstance(model, Denoiser):  # so it feeds the U-Net the schedule's own timesteps (e.g. karras DPM-Solver's
         # rounded ones) instead of interpolating them; other models get the k-diffusion extra_args as given
@@ -489,5 +369,7 @@ def sample(name: str, model, noise: torch.Tensor | None, schedule: Schedule, ext
     sigmas = schedule.sigmas.to(x.device)
     # LCM / TCD work on the schedule's integer timesteps (boundary scalings, TCD's intermediate step s)
     kw = {"schedule": schedule} if SAMPLERS[name].family == "lcm" else {}
+    if eta is not None:
+        kw["eta"] = eta
     return SAMPLERS[name].fn(model, x, sigmas, extra_args, callback=callback, generator=generator, disable=disable,
                              **kw)
