@@ -101,8 +101,6 @@ def unet_case(master, size: int, dtype: torch.dtype, batch: int) -> str:
         unet(x, t, c)  # warm-up: packs
         release_freed_memory()
         wall, seconds = profile_call(lambda: unet(x, t, c))
-    del unet
-    gc.collect()
     return row(f"U-Net {size} px, batch {batch}, {str(dtype)[6:]}, packed", wall, seconds, flops)
 
 

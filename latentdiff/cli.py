@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--sampler", default=None)
     g.add_argument("--eta", type=float, default=None,
-                   help="noise of ddim (0), tcd (0.3), ancestral / SDE samplers (1): each one's default if unset")
+                   help="noise of ddim (0), tcd (0.3), euler_a / dpmpp_2s_a / dpmpp_sde (1): each one's default if unset")
     g.add_argument("--schedule", default="normal", choices=["normal", "karras", "exponential"])
     g.add_argument("--spacing", default=None, choices=["linspace", "leading", "trailing"])
     g.add_argument("-H", "--height", type=int, default=None)

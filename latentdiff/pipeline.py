@@ -123,7 +123,7 @@ class Pipeline(Loading):
         see `last_seed`), sampler, schedule ("normal" | "karras" | "exponential"), timestep_spacing, height, width,
         num_images (per prompt), output ("pil" | "latent"), guidance_rescale, clip_skip, callback, progress,
         decoder ("vae" | "taesd": a loaded TAESD decoder instead of the VAE, see latentdiff/fewstep.py), eta (the
-        noise of ddim / tcd / ancestral and SDE samplers, None = each one's default: 0 / 0.3 / 1),
+        noise of ddim / tcd / euler_a, dpmpp_2s_a, dpmpp_sde; None = each one's default: 0 / 0.3 / 1),
         keep_text_encoders (False: free the text encoders' weights once the prompts are encoded, speed.py).
         Returns a list of PIL images, or the final latents (B, 4, H/f, W/f), not divided by the VAE scaling
         factor, with output="latent". callback(step, sigma, latents) runs after every step.

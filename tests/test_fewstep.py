@@ -237,7 +237,7 @@ def test_lcm_preset_keeps_a_distilled_models_guidance():
     assert preset_settings("lcm", PRESETS["tiny-sd15"])["guidance_scale"] == 1.0  # LCM-LoRA: no CFG
     assert preset_settings("lcm", with_guidance_embedding(PRESETS["tiny-sd15"], 16))["guidance_scale"] == 8.5
     with pytest.raises(ValueError, match="preset must be one of"):
-        preset_settings("hyper", PRESETS["tiny-sd15"])
+        preset_settings("flux", PRESETS["tiny-sd15"])
 
 
 @pytest.mark.parametrize("sampler, cls, eta", [("tcd", "TCDScheduler", 0.0), ("tcd", "TCDScheduler", 0.7),
@@ -266,3 +266,8 @@ def test_eta_errors_name_the_sampler():
     with pytest.raises(ValueError, match=r"eta for 'ddim' must be >= 0, got -0.1"):
         pipe("x", sampler="ddim", eta=-0.1, steps=1, height=64, width=64, output="latent", progress=False)
     assert {"ddim", "tcd", "euler_a", "dpmpp_2s_a"} <= set(samplers.eta_samplers())
+    kw = dict(steps=3, height=64, width=64, output="latent", progress=False)
+    euler, euler_a = pipe("x", sampler="euler", **kw), pipe("x", sampler="euler_a", **kw)
+    assert torch.allclose(pipe("x", sampler="euler_a", eta=0.0, **kw), euler, atol=1e-6)  # no fresh noise
+    assert torch.equal(pipe("x", sampler="euler_a", eta=1.0, **kw), euler_a)  # 1 is the default
+    assert rel_err(euler_a, euler) > 1e-2

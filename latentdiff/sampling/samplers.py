@@ -44,14 +44,15 @@ def sample_euler(model, x, sigmas, extra_args=None, callback=None, generator=Non
 
 
 @torch.no_grad()
-def sample_euler_a(model, x, sigmas, extra_args=None, callback=None, generator=None, disable=None):
+def sample_euler_a(model, x, sigmas, extra_args=None, callback=None, generator=None, disable=None, eta=1.0):
     """Ancestral Euler (k-diffusion; the DDPM ancestral step of Ho et al. 2020 in sigma form).
-    = EulerAncestralDiscrete, which draws noise at every step, the last one included."""
+    = EulerAncestralDiscrete, which draws noise at every step, the last one included. eta scales the fresh noise
+    (k-diffusion's / A1111's; diffusers has none: 1); 0 is Euler."""
     extra_args, s_in = setup(x, extra_args)
     for i in trange(len(sigmas) - 1, disable=disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         report(callback, i, sigmas[i], x, denoised)
-        sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1])
+        sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
         x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
         x = x + randn(x, generator) * sigma_up
     return x
@@ -324,8 +325,8 @@ def get_sigmas(name: str, steps: int, schedule: str = "normal", spacing: str | N
 
 
 def eta_samplers() -> list[str]:
-    """Samplers with a noise amount `eta`: DDIM's sigma_t(eta) (0 default), TCD's gamma (0.3), the ancestral /
-    SDE ones' k-diffusion multiplier (1)."""
+    """Samplers with a noise amount `eta`: DDIM's sigma_t(eta) (0 default), TCD's gamma (0.3), k-diffusion's
+    multiplier of the fresh noise in euler_a, dpmpp_2s_a, dpmpp_sde (1)."""
     return sorted(n for n, row in SAMPLERS.items() if "eta" in inspect.signature(row.fn).parameters)
 
 
