@@ -288,8 +288,8 @@ class Pipeline(Loading):
             extra["c_concat"] = c_concat
         if blend is not None:
             model = _KeepKnown(model, *blend)
-        heap = speed.heap_held() if self.device.type == "cpu" else contextlib.nullcontext()
-        with torch.inference_mode(), speed.on_device(self.unet, self.device, self.offload), heap:
+        with torch.inference_mode(), speed.on_device(self.unet, self.device, self.offload), \
+                speed.heap_held(self.device):
             step_cb = None if callback is None else lambda d: callback(d["i"], d["sigma"], d["x"])
             return samplers.sample(sampler, model, x, sched, extra, callback=step_cb, generator=generator,
                                    disable=not progress, x0=x0, eta=eta)
@@ -304,7 +304,7 @@ class Pipeline(Loading):
             fewstep.check_decoder(decoder, self.preview_decoder, self.source or self.cfg.name)
             self.preview_decoder.to(self.device)  # fp32, where the pipeline runs (on the CPU it would trail a GPU VAE)
             # its 64-channel full-size fp32 tensors (67 MB at 512 px) from the heap: 0.85 -> 0.45 s (speed.heap_held)
-            with speed.heap_held() if self.device.type == "cpu" else contextlib.nullcontext():
+            with speed.heap_held(self.device):
                 return self._with_params(self.preview(latents), params)
         z = latents.to(self.device) / self.cfg.vae.scaling_factor
         tiled = max(z.shape[-2:]) > self.tile_decode_above
