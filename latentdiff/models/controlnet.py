@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from latentdiff.config import UNetConfig, _build
-from latentdiff.models.layers import Downsample, ResBlock, SpatialTransformer, timestep_embedding
-from latentdiff.models.unet import TimestepBlock
+from latentdiff.models.layers import timestep_embedding
+from latentdiff.models.unet import encoder, middle_block
 
 
 @dataclass(frozen=True)
@@ -59,12 +59,8 @@ class ControlNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         u = cfg.unet
-        mc, g = u.model_channels, u.norm_groups
+        mc = u.model_channels
         emb_dim = mc * 4
-
-        def attention(ch: int, depth: int) -> SpatialTransformer:
-            heads, dim_head = u.heads_at(ch)
-            return SpatialTransformer(ch, heads, dim_head, depth, u.context_dim, u.use_linear_in_transformer, g)
 
         def zero_conv(ch: int) -> nn.Sequential:
             return nn.Sequential(_zero(nn.Conv2d(ch, ch, 1)))
@@ -81,25 +77,11 @@ class ControlNet(nn.Module):
         self.input_hint_block = nn.Sequential(*hint, _zero(nn.Conv2d(w[-1], mc, 3, padding=1)))
 
         # the U-Net's encoder, block for block (models/unet.py)
-        self.input_blocks = nn.ModuleList([TimestepBlock(nn.Conv2d(u.in_channels, mc, 3, padding=1))])
-        self.zero_convs = nn.ModuleList([zero_conv(mc)])
-        ch = mc
-        for level, (mult, depth) in enumerate(zip(u.channel_mult, u.transformer_depth)):
-            for _ in range(u.num_res_blocks):
-                layers = [ResBlock(ch, emb_dim, mc * mult, g)]
-                ch = mc * mult
-                if depth:
-                    layers.append(attention(ch, depth))
-                self.input_blocks.append(TimestepBlock(*layers))
-                self.zero_convs.append(zero_conv(ch))
-            if level != len(u.channel_mult) - 1:
-                self.input_blocks.append(TimestepBlock(Downsample(ch)))
-                self.zero_convs.append(zero_conv(ch))
+        self.input_blocks, chans = encoder(u)
+        self.zero_convs = nn.ModuleList([zero_conv(c) for c in chans])  # one per encoder block's output
         if u.middle_block:
-            d = u.transformer_depth_middle
-            mid = [attention(ch, d), ResBlock(ch, emb_dim, ch, g)] if d else []
-            self.middle_block = TimestepBlock(ResBlock(ch, emb_dim, ch, g), *mid)
-            self.middle_block_out = zero_conv(ch)
+            self.middle_block = middle_block(u, chans[-1])
+            self.middle_block_out = zero_conv(chans[-1])
 
     @property
     def hint_factor(self) -> int:

@@ -74,6 +74,42 @@ def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.nn.functional.pad(torch.cat([emb.sin(), emb.cos()], dim=1), (0, dim % 2))
 
 
+def transformer(cfg: UNetConfig, ch: int, depth: int) -> SpatialTransformer:
+    heads, dim_head = cfg.heads_at(ch)
+    return SpatialTransformer(ch, heads, dim_head, depth, cfg.context_dim, cfg.use_linear_in_transformer,
+                              cfg.norm_groups)
+
+
+def encoder(cfg: UNetConfig) -> tuple[nn.ModuleList, list[int]]:
+    """ldm's input_blocks (the U-Net's, and a ControlNet's copy of them): the stem conv, per level num_res_blocks
+    ResBlocks (each with a SpatialTransformer where the level has depth), a Downsample between levels; and the
+    channels of every block's output (the skips output_blocks consume; a ControlNet's zero convs)."""
+    mc, g, emb_dim = cfg.model_channels, cfg.norm_groups, cfg.model_channels * 4
+    blocks = nn.ModuleList([TimestepBlock(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+    chans = [mc]
+    ch = mc
+    for level, (mult, depth) in enumerate(zip(cfg.channel_mult, cfg.transformer_depth)):
+        for _ in range(cfg.num_res_blocks):
+            layers = [ResBlock(ch, emb_dim, mc * mult, g)]
+            ch = mc * mult
+            if depth:
+                layers.append(transformer(cfg, ch, depth))
+            blocks.append(TimestepBlock(*layers))
+            chans.append(ch)
+        if level != len(cfg.channel_mult) - 1:
+            blocks.append(TimestepBlock(Downsample(ch)))
+            chans.append(ch)
+    return blocks, chans
+
+
+def middle_block(cfg: UNetConfig, ch: int) -> TimestepBlock:
+    """ResBlock, SpatialTransformer, ResBlock; depth 0: one ResBlock (ComfyUI's transformer_depth_middle -1,
+    diffusers' UNetMidBlock2D with no layers)."""
+    emb_dim, g, d = cfg.model_channels * 4, cfg.norm_groups, cfg.transformer_depth_middle
+    mid = [transformer(cfg, ch, d), ResBlock(ch, emb_dim, ch, g)] if d else []
+    return TimestepBlock(ResBlock(ch, emb_dim, ch, g), *mid)
+
+
 class UNetModel(nn.Module):
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -88,10 +124,6 @@ class UNetModel(nn.Module):
         mc, g = cfg.model_channels, cfg.norm_groups
         emb_dim = mc * 4
 
-        def attention(ch: int, depth: int) -> SpatialTransformer:
-            heads, dim_head = cfg.heads_at(ch)
-            return SpatialTransformer(ch, heads, dim_head, depth, cfg.context_dim, cfg.use_linear_in_transformer, g)
-
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         if cfg.time_cond_proj_dim:
             # LCM's guidance embedding, added to the sinusoidal t embedding before time_embed (diffusers'
@@ -103,26 +135,10 @@ class UNetModel(nn.Module):
                 nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
             )
 
-        self.input_blocks = nn.ModuleList([TimestepBlock(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
-        skip_chans = [mc]  # channels of every input block's output, consumed in reverse by output_blocks
-        ch = mc
-        for level, (mult, depth) in enumerate(zip(cfg.channel_mult, cfg.transformer_depth)):
-            for _ in range(cfg.num_res_blocks):
-                layers = [ResBlock(ch, emb_dim, mc * mult, g)]
-                ch = mc * mult
-                if depth:
-                    layers.append(attention(ch, depth))
-                self.input_blocks.append(TimestepBlock(*layers))
-                skip_chans.append(ch)
-            if level != len(cfg.channel_mult) - 1:
-                self.input_blocks.append(TimestepBlock(Downsample(ch)))
-                skip_chans.append(ch)
-
+        self.input_blocks, skip_chans = encoder(cfg)  # skip_chans: consumed in reverse by output_blocks
+        ch = skip_chans[-1]
         if cfg.middle_block:
-            # depth 0: one ResBlock (ComfyUI's transformer_depth_middle -1, diffusers' UNetMidBlock2D with no layers)
-            d = cfg.transformer_depth_middle
-            mid = [attention(ch, d), ResBlock(ch, emb_dim, ch, g)] if d else []
-            self.middle_block = TimestepBlock(ResBlock(ch, emb_dim, ch, g), *mid)
+            self.middle_block = middle_block(cfg, ch)
 
         self.output_blocks = nn.ModuleList()
         depths = iter(out_depths)
@@ -133,7 +149,7 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch + skip_chans.pop(), emb_dim, mc * mult, g)]
                 ch = mc * mult
                 if depth:
-                    layers.append(attention(ch, depth))
+                    layers.append(transformer(cfg, ch, depth))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepBlock(*layers))
