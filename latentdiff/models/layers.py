@@ -58,7 +58,8 @@ def _cpu_bf16_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
     q, k, v = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)  # (B * H, N, d); a copy of the head views
     # softmax over keys ignores a per-row constant: q.(k_j - mean_j k) gives the same probabilities with smaller
     # scores, so their bf16 rounding (relative to their size) costs less
-    k = (k.float() - k.float().mean(dim=1, keepdim=True)).to(k.dtype)
+    kf = k.float()
+    k = (kf - kf.mean(dim=1, keepdim=True)).to(k.dtype)
     kt = k.transpose(1, 2)  # (B * H, d, N_k)
     rows = max(1, CPU_BF16_CHUNK_BYTES // (b * h * k.shape[1] * 2))
     scores = q.new_empty(b * h, min(rows, n), k.shape[1])  # reused by every chunk
