@@ -137,6 +137,8 @@ _MMAP_MAX_DEFAULT, _TRIM_DEFAULT = 65536, 128 << 10
 _MMAP_THRESHOLD_MAX = 32 << 20  # where glibc's dynamic threshold ends up for large tensors
 # Freed heap kept for reuse before glibc trims its top, while sampling (the peak-RSS cost of heap_held)
 HEAP_HOLD_BYTES = 1 << 30
+# Blocks mapped on their own while decoding (heap_mapped)
+MAPPED_ABOVE_BYTES = 1 << 20
 _MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
 
 
@@ -150,21 +152,17 @@ def _mallopt():
 
 
 @contextlib.contextmanager
-def heap_held(device: torch.device):
-    """While sampling on the CPU (`device`; elsewhere nothing changes): large tensors from glibc's heap, freed heap kept for the next U-Net call.
-
-    glibc maps every block above its (at most 32 MB) mmap threshold afresh and unmaps it on free, so each such
-    tensor page-faults all its pages on first touch, in every U-Net call: SD 1.5 at 512 px, a step 4.0 -> 2.6 s
-    (benchmarks/README.md "512 px and up"). Not for the VAE decode: there the held heap fragments (peak RSS
-    +0.6 GB for 0.8 s), so on exit the heap goes back to the OS (malloc_trim) and large blocks to mmap again
-    (threshold fixed at glibc's dynamic maximum, 32 MB: setting any parameter ends the dynamic one). Nothing
-    changes where the user set glibc's malloc variables, or off glibc."""
+def _malloc_policy(device: torch.device, *settings: tuple[int, int]):
+    """glibc's mallopt(param, value) for each of `settings` while the block runs on the CPU (`device`; elsewhere
+    nothing changes); on exit large blocks go back to mmap (threshold fixed at glibc's dynamic maximum, 32 MB:
+    setting any parameter ends the dynamic one) and freed heap back to the OS (malloc_trim). Nothing changes
+    where the user set glibc's malloc variables, or off glibc. Process-wide while it lasts."""
     mallopt = _mallopt() if device.type == "cpu" else None
     if mallopt is None:
         yield
         return
-    mallopt(_M_MMAP_MAX, 0)
-    mallopt(_M_TRIM_THRESHOLD, HEAP_HOLD_BYTES)
+    for param, value in settings:
+        mallopt(param, value)
     try:
         yield
     finally:
@@ -172,6 +170,23 @@ def heap_held(device: torch.device):
         mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
         mallopt(_M_TRIM_THRESHOLD, _TRIM_DEFAULT)
         release_freed_memory()
+
+
+def heap_held(device: torch.device):
+    """While sampling: large tensors from glibc's heap, freed heap kept for the next U-Net call.
+
+    glibc maps every block above its (at most 32 MB) mmap threshold afresh and unmaps it on free, so each such
+    tensor page-faults all its pages on first touch, in every U-Net call: SD 1.5 at 512 px, a step 4.0 -> 2.6 s
+    (benchmarks/README.md "512 px and up"). Not for the VAE decode, see heap_mapped."""
+    return _malloc_policy(device, (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, HEAP_HOLD_BYTES))
+
+
+def heap_mapped(device: torch.device):
+    """While decoding: every block above MAPPED_ABOVE_BYTES its own mapping, unmapped when freed. The decode's
+    tensors come in many sizes (its row strips, 67-134 MB levels at 512 px), and in glibc's heap the freed ones
+    leave holes the next sizes do not fit: the 512-px decode peaked 0.25 GB above its live tensors, for no
+    time gained (each tensor is written once)."""
+    return _malloc_policy(device, (_M_MMAP_THRESHOLD, MAPPED_ABOVE_BYTES))
 
 
 def unpack_conv_weights(module: nn.Module) -> None:
