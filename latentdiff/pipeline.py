@@ -308,14 +308,12 @@ class Pipeline(Loading):
                 return self._with_params(self.preview(latents), params)
         z = latents.to(self.device) / self.cfg.vae.scaling_factor
         tiled = max(z.shape[-2:]) > self.tile_decode_above
-        # the fast path on the CPU decodes its large levels in row strips (models/vae.py): the same image up to
-        # rounding, 0.55 -> 0.3 GB above the weights at 512 px; the exact path decodes whole tensors
-        strips = not self.exact and self.device.type == "cpu"
 
         def run(vae, z):
-            return (vae.tiled_decode(z, strips=strips) if tiled else vae.decode(z, strips)).float()
+            return (vae.tiled_decode(z) if tiled else vae.decode(z)).float()
 
-        with torch.inference_mode(), self._running(self.vae), speed.heap_mapped(self.device):
+        with torch.inference_mode(), self._running(self.vae), \
+                speed.heap_mapped(self.device, trim_after=self.vae.decoder.stages()):
             img = run(self.vae, z.to(self.dtype))
             if self.dtype != torch.float32 and not torch.isfinite(img).all():
                 # SDXL's VAE overflows in fp16 (diffusers' force_upcast, A1111's --no-half-vae)

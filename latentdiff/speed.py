@@ -181,12 +181,21 @@ def heap_held(device: torch.device):
     return _malloc_policy(device, (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, HEAP_HOLD_BYTES))
 
 
-def heap_mapped(device: torch.device):
-    """While decoding: every block above MAPPED_ABOVE_BYTES its own mapping, unmapped when freed. The decode's
-    tensors come in many sizes (its row strips, 67-134 MB levels at 512 px), and in glibc's heap the freed ones
-    leave holes the next sizes do not fit: the 512-px decode peaked 0.25 GB above its live tensors, for no
-    time gained (each tensor is written once)."""
-    return _malloc_policy(device, (_M_MMAP_THRESHOLD, MAPPED_ABOVE_BYTES))
+@contextlib.contextmanager
+def heap_mapped(device: torch.device, trim_after: list[nn.Module] = ()):
+    """While loading weights and decoding: every block above MAPPED_ABOVE_BYTES its own mapping, unmapped when
+    freed, and freed heap handed back to the OS after each module of `trim_after` runs (a hook while the block
+    lasts). glibc still serves a request from a free chunk of its heap where one fits (the holes sampling or
+    loading left), and keeps that chunk's pages once it is freed again; the trims hand them back. SD 1.5 512-px
+    decode after sampling: peak RSS 0.45 -> 0.34 GB above the weights, 30 ms of trimming (benchmarks/README.md)."""
+    hooks = [m.register_forward_hook(lambda *_: release_freed_memory()) for m in trim_after] \
+        if device.type == "cpu" and _mallopt() is not None else []
+    try:
+        with _malloc_policy(device, (_M_MMAP_THRESHOLD, MAPPED_ABOVE_BYTES)):
+            yield
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def unpack_conv_weights(module: nn.Module) -> None:

@@ -38,11 +38,7 @@ class ResnetBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
-    def forward(self, x: torch.Tensor, strips: bool = False) -> torch.Tensor:
-        if strips and x.nbytes > STRIPS_ABOVE_BYTES:
-            h = norm_silu_conv_strips(self.norm1, self.conv1, x)
-            skip = self.nin_shortcut if self.nin_shortcut is not None else (lambda t: t)
-            return norm_silu_conv_strips(self.norm2, self.conv2, h, residual=lambda r0, r1: skip(x[:, :, r0:r1]))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         # in place on fresh tensors (norm and conv outputs): no new activation-sized tensors (see layers.ResBlock)
         h = self.conv1(F.silu(self.norm1(x), inplace=True))
         h = self.conv2(F.silu(self.norm2(h), inplace=True))
@@ -96,7 +92,8 @@ class Mid(nn.Module):
 
 
 class DownLevel(nn.Module):
-    """One encoder resolution level: ``block`` (ResnetBlocks), then ``downsample`` except at the last level."""
+    """One encoder resolution level: ``block`` (ResnetBlocks), then ``downsample`` except at the last level.
+    Encoder.forward runs its parts (see UpLevel)."""
 
     def __init__(self, cfg: VAEConfig, in_ch: int, out_ch: int, downsample: bool):
         super().__init__()
@@ -104,11 +101,6 @@ class DownLevel(nn.Module):
             [ResnetBlock(cfg, in_ch if j == 0 else out_ch, out_ch) for j in range(cfg.num_res_blocks)]
         )
         self.downsample = Downsample(out_ch) if downsample else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.block:
-            x = block(x)
-        return self.downsample(x) if self.downsample is not None else x
 
 
 class UpLevel(nn.Module):
@@ -122,11 +114,6 @@ class UpLevel(nn.Module):
             [ResnetBlock(cfg, in_ch if j == 0 else out_ch, out_ch) for j in range(cfg.num_res_blocks + 1)]
         )
         self.upsample = Upsample(out_ch) if upsample else None
-
-    def upsampled(self, x: torch.Tensor, strips: bool) -> torch.Tensor:
-        if strips and 4 * x.nbytes > STRIPS_ABOVE_BYTES:
-            return upsample_conv_strips(self.upsample.conv, x)
-        return self.upsample(x)
 
 
 class Encoder(nn.Module):
@@ -147,8 +134,11 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)  # (B, ch, H, W)
-        for level in self.down:
-            h = level(h)  # ... -> (B, ch*ch_mult[-1], H/f, W/f)
+        for level in self.down:  # ... -> (B, ch*ch_mult[-1], H/f, W/f)
+            for block in level.block:
+                h = block(h)
+            if level.downsample is not None:
+                h = level.downsample(h)
         h = self.mid(h)
         return self.conv_out(F.silu(self.norm_out(h), inplace=True))
 
@@ -170,17 +160,15 @@ class Decoder(nn.Module):
         self.norm_out = _norm(cfg, ch)
         self.conv_out = nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
 
-    def forward(self, z: torch.Tensor, strips: bool = False) -> torch.Tensor:
-        """strips: inference only, large levels row strip by row strip (see norm_silu_conv_strips)."""
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z))  # (B, ch*ch_mult[-1], H/f, W/f)
-        for level in reversed(self.up):  # ... -> (B, ch, H, W)
-            for block in level.block:
-                h = block(h, strips)
-            if level.upsample is not None:
-                h = level.upsampled(h, strips)
-        if strips and h.nbytes > STRIPS_ABOVE_BYTES:
-            return norm_silu_conv_strips(self.norm_out, self.conv_out, h)
+        for stage in self.stages():  # ... -> (B, ch, H, W)
+            h = stage(h)
         return self.conv_out(F.silu(self.norm_out(h), inplace=True))
+
+    def stages(self) -> list[nn.Module]:
+        """The ResnetBlocks and upsamplers after the mid block, in the order they run (lowest resolution first)."""
+        return [m for level in reversed(self.up) for m in (*level.block, level.upsample) if m is not None]
 
 
 class DiagonalGaussian:
@@ -219,13 +207,11 @@ class AutoencoderKL(nn.Module):
         """x: (B, 3, H, W) in [-1, 1] -> posterior over unscaled latents (B, z_channels, H/f, W/f)."""
         return DiagonalGaussian(self.quant_conv(self.encoder(x)))
 
-    def decode(self, z: torch.Tensor, strips: bool = False) -> torch.Tensor:
-        """z: unscaled latents (B, z_channels, H/f, W/f) -> image (B, 3, H, W), roughly in [-1, 1].
-        strips: the large levels row strip by row strip, without autograd (norm_silu_conv_strips): the same
-        function up to rounding, a fraction of the memory."""
-        return self.decoder(self.post_quant_conv(z), strips)
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """z: unscaled latents (B, z_channels, H/f, W/f) -> image (B, 3, H, W), roughly in [-1, 1]."""
+        return self.decoder(self.post_quant_conv(z))
 
-    def tiled_decode(self, z: torch.Tensor, tile: int = 64, overlap: int = 16, strips: bool = False) -> torch.Tensor:
+    def tiled_decode(self, z: torch.Tensor, tile: int = 64, overlap: int = 16) -> torch.Tensor:
         """`decode` in overlapping tiles of `tile` x `tile` latents, for images too large to decode at once.
 
         Peak memory is that of one tile's decode. Where tiles overlap (`overlap` latents, at least) their
@@ -234,7 +220,7 @@ class AutoencoderKL(nn.Module):
         the overlap hides both (see tests/test_speed.py for the measured difference)."""
         _, _, h, w = z.shape
         if h <= tile and w <= tile:
-            return self.decode(z, strips)
+            return self.decode(z)
         if not 0 < overlap < tile:
             raise ValueError(f"overlap must be in (0, tile={tile}), got {overlap}")
         f = self.cfg.downsample
@@ -243,7 +229,7 @@ class AutoencoderKL(nn.Module):
         for y0 in _tile_starts(h, tile, overlap):
             for x0 in _tile_starts(w, tile, overlap):
                 th, tw = min(tile, h), min(tile, w)
-                img = self.decode(z[:, :, y0:y0 + th, x0:x0 + tw], strips).float()  # (B, 3, th*f, tw*f)
+                img = self.decode(z[:, :, y0:y0 + th, x0:x0 + tw]).float()  # (B, 3, th*f, tw*f)
                 ramp = (_ramp(th * f, overlap * f, y0 > 0, y0 + th < h, z.device)[:, None]
                         * _ramp(tw * f, overlap * f, x0 > 0, x0 + tw < w, z.device)[None, :])
                 out[:, :, y0 * f:(y0 + th) * f, x0 * f:(x0 + tw) * f] += img * ramp
@@ -278,94 +264,3 @@ def _ramp(n: int, width: int, up: bool, down: bool, device) -> torch.Tensor:
     if down:
         r[n - width:] = torch.minimum(r[n - width:], edge.flip(0))
     return r
-
-
-# --- exact row strips (inference) ----------------------------------------------------------------------------
-#
-# At 512 px the decoder's last levels hold (1, 256 | 128, 512, 512) activations (67-134 MB in bf16), and every
-# GroupNorm, SiLU and conv of them makes another full-size tensor, plus oneDNN's own copies: the decode's peak
-# was 0.55 GB above the weights. GroupNorm -> SiLU -> conv3x3 needs the whole tensor only for the GroupNorm
-# statistics; with those gathered first, each strip of output rows needs just its input rows plus one halo row
-# each side. So the large levels run strip by strip into one output tensor: the same function (unlike
-# tiled_decode), rounded in another order.
-
-# Activations above this run in strips; below it a level's tensors are small next to the weights.
-STRIPS_ABOVE_BYTES = 32 << 20
-# fp32 bytes of one strip's normalised input: below glibc's 32 MB mmap threshold (no fresh pages per strip)
-STRIP_BYTES = 16 << 20
-
-
-def _strips(x: torch.Tensor, height: int) -> list[tuple[int, int]]:
-    """Row ranges [r0, r1) covering `height` output rows, an even number of rows each (upsampling keeps whole
-    input rows), sized so one strip of x's channels in fp32 is about STRIP_BYTES."""
-    b, c, _, w = x.shape
-    rows = max(2, STRIP_BYTES // (4 * b * c * w) // 2 * 2)
-    return [(r, min(height, r + rows)) for r in range(0, height, rows)]
-
-
-def _group_norm_affine(norm: nn.GroupNorm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """GroupNorm(x) = x * scale + shift, per sample and channel ((B, C, 1, 1) each, fp32), with the statistics
-    of the whole x: PyTorch's own GroupNorm kernel gives each strip's mean and 1/std in fp32 (fp32 affine
-    parameters make it accumulate a low-precision x in fp32), combined pairwise (Chan et al. 1979)."""
-    b, c, _, w = x.shape
-    g = norm.num_groups
-    ones, zeros = torch.ones(c, device=x.device), torch.zeros(c, device=x.device)
-    n = mean = m2 = None
-    for r0, r1 in _strips(x, x.shape[2]):
-        _, mean_s, rstd_s = torch.ops.aten.native_group_norm(x[:, :, r0:r1], ones, zeros, b, c, (r1 - r0) * w, g,
-                                                             norm.eps)  # (B, G) each
-        n_s = c // g * (r1 - r0) * w
-        m2_s = (rstd_s.double().pow(-2) - norm.eps) * n_s  # the kernel's 1/sqrt(var + eps), undone
-        if n is None:
-            n, mean, m2 = n_s, mean_s.double(), m2_s
-            continue
-        delta, total = mean_s.double() - mean, n + n_s
-        mean = mean + delta * (n_s / total)
-        m2 = m2 + m2_s + delta.square() * (n * n_s / total)
-        n = total
-    rstd = torch.rsqrt(m2 / n + norm.eps).float()[..., None]  # (B, G, 1)
-    scale = norm.weight.float().view(g, c // g) * rstd  # (B, G, C/G)
-    shift = norm.bias.float().view(g, c // g) - mean.float()[..., None] * scale
-    return scale.reshape(b, c, 1, 1), shift.reshape(b, c, 1, 1)
-
-
-def _into(out: torch.Tensor | None, y: torch.Tensor, shape: tuple, r0: int, r1: int) -> torch.Tensor:
-    """Write strip y into rows [r0, r1) of out, made at the first strip in y's memory format (a packed conv
-    returns channels-last)."""
-    if out is None:
-        cl = y.dim() == 4 and y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
-        out = torch.empty(shape, dtype=y.dtype, device=y.device,
-                          memory_format=torch.channels_last if cl else torch.contiguous_format)
-    out[:, :, r0:r1] = y
-    return out
-
-
-def norm_silu_conv_strips(norm: nn.GroupNorm, conv: nn.Conv2d, x: torch.Tensor, residual=None) -> torch.Tensor:
-    """conv(silu(norm(x))) [+ residual(r0, r1) for rows r0:r1] for a 3x3, padding-1 conv, row strip by row
-    strip. A strip's conv sees one halo row each side (zero padding only at the image's own edges); the two
-    rows it computes against its zero padding are dropped."""
-    scale, shift = _group_norm_affine(norm, x)
-    h = x.shape[2]
-    out = None
-    for r0, r1 in _strips(x, h):
-        lo, hi = max(0, r0 - 1), min(h, r1 + 1)
-        t = x[:, :, lo:hi].to(torch.float32, copy=True).mul_(scale).add_(shift)  # never x itself, when fp32
-        y = conv(F.silu(t, inplace=True).to(x.dtype))[:, :, r0 - lo:r1 - lo]
-        if residual is not None:
-            y = y + residual(r0, r1)
-        out = _into(out, y, (x.shape[0], conv.out_channels, h, x.shape[3]), r0, r1)
-    return out
-
-
-def upsample_conv_strips(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """conv(nearest 2x upsample of x) (layers.Upsample) by strips of output rows: output rows [r0, r1) (r0, r1
-    even) read upsampled rows r0 - 1 .. r1, i.e. input rows r0/2 - 1 .. r1/2; the strip upsamples those (at
-    the image's edges only what exists) and drops the rows its conv computed against zero padding."""
-    h, w = x.shape[2], x.shape[3]
-    out = None
-    for r0, r1 in _strips(x, 2 * h):
-        lo, hi = max(0, r0 // 2 - 1), min(h, r1 // 2 + 1)
-        up = F.interpolate(x[:, :, lo:hi], scale_factor=2.0, mode="nearest")
-        y = conv(up)[:, :, r0 - 2 * lo:r1 - 2 * lo]
-        out = _into(out, y, (x.shape[0], conv.out_channels, 2 * h, 2 * w), r0, r1)
-    return out
