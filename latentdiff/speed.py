@@ -151,25 +151,33 @@ def _mallopt():
         return None
 
 
+_policies: list[tuple[tuple[int, int], ...]] = []  # the active _malloc_policy blocks' settings, innermost last
+
+
 @contextlib.contextmanager
 def _malloc_policy(device: torch.device, *settings: tuple[int, int]):
     """glibc's mallopt(param, value) for each of `settings` while the block runs on the CPU (`device`; elsewhere
     nothing changes); on exit large blocks go back to mmap (threshold fixed at glibc's dynamic maximum, 32 MB:
-    setting any parameter ends the dynamic one) and freed heap back to the OS (malloc_trim). Nothing changes
-    where the user set glibc's malloc variables, or off glibc. Process-wide while it lasts."""
+    setting any parameter ends the dynamic one), freed heap back to the OS (malloc_trim), and an enclosing
+    block's settings apply again (a decode from a sampler callback). Nothing changes where the user set glibc's
+    malloc variables, or off glibc. Process-wide while it lasts."""
     mallopt = _mallopt() if device.type == "cpu" else None
     if mallopt is None:
         yield
         return
     for param, value in settings:
         mallopt(param, value)
+    _policies.append(settings)
     try:
         yield
     finally:
+        _policies.pop()
         mallopt(_M_MMAP_MAX, _MMAP_MAX_DEFAULT)
         mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
         mallopt(_M_TRIM_THRESHOLD, _TRIM_DEFAULT)
         release_freed_memory()
+        for param, value in _policies[-1] if _policies else ():
+            mallopt(param, value)
 
 
 def heap_held(device: torch.device):

@@ -439,8 +439,9 @@ print(fresh_mmap(8 << 20))  # freed, 8 MB stay free at the heap's top: 12 MB do 
 pipe.decode(torch.zeros(1, 4, 8, 8))
 print(mapped, fresh_mmap(12 << 20))
 before = fresh_mmap()
+# the first step's callback decodes (the decode's own policy ends, the sampler's applies again)
 pipe("x", steps=2, height=64, width=64, output="latent", progress=False,
-     callback=lambda i, sigma, x: held.append(fresh_mmap()))
+     callback=lambda i, sigma, x: (pipe.decode(x) if i == 0 else None, held.append(fresh_mmap())))
 # after: 1 GB, larger than any chunk the tiny model freed (a freed 64 MB chunk may be reused, mmap or not)
 print(before, held, fresh_mmap(1 << 30))
 """
