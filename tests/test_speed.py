@@ -373,8 +373,8 @@ def test_keep_text_encoders_false_frees_them_and_keeps_the_image(tmp_path):
 
 
 def test_bf16_self_attention_on_the_cpu_is_two_gemms_in_chunks(monkeypatch):
-    """bf16 CPU self-attention without autograd is baddbmm -> softmax -> bmm over query chunks: the same bits for
-    any chunk size, within bf16 rounding of fp32; cross-attention and autograd get SDPA, fp32 (exact path) too."""
+    """bf16 CPU self-attention without autograd is baddbmm -> softmax -> bmm over chunks of heads and query rows:
+    the same bits for any chunking, within bf16 rounding of fp32; cross-attention and autograd get SDPA, fp32 (exact path) too."""
     g = torch.Generator().manual_seed(6)
     q, k, v = (torch.randn(2, 3, n, 16, generator=g) for n in (50, 40, 40))
     qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
@@ -382,11 +382,16 @@ def test_bf16_self_attention_on_the_cpu_is_two_gemms_in_chunks(monkeypatch):
     sdpa = torch.nn.functional.scaled_dot_product_attention
     with torch.no_grad():
         out = layers.attention(qb, kb, vb, self_attention=True)
-        monkeypatch.setattr(layers, "CPU_BF16_CHUNK_BYTES", 2 * 3 * 40 * 2 * 7)  # 7 query rows: 7 x 7 + 1
-        chunked = layers.attention(qb, kb, vb, self_attention=True)
+        chunked = []
+        # (bytes of scores, minimum rows) -> chunks of heads x rows: all 6 x 7 (7 x 7 + 1 rows); 2 x 16 (three
+        # head groups, rows 16 x 3 + 2); 1 x 7 (one head's 64 rows would not fit the bytes)
+        for nbytes, min_rows in ((6 * 7 * 40 * 2, 1), (2 * 16 * 40 * 2, 16), (7 * 40 * 2, 64)):
+            monkeypatch.setattr(layers, "CPU_BF16_CHUNK_BYTES", nbytes)
+            monkeypatch.setattr(layers, "CPU_BF16_MIN_ROWS", min_rows)
+            chunked.append(layers.attention(qb, kb, vb, self_attention=True))
         assert torch.equal(layers.attention(qb, kb, vb), sdpa(qb, kb, vb))  # cross-attention
     assert out.dtype == torch.bfloat16 and out.shape == (2, 3, 50, 16)
-    assert torch.equal(chunked, out)
+    assert all(torch.equal(c, out) for c in chunked)
     assert _rel_l2(out, exact) < 1e-2, _rel_l2(out, exact)
     assert not torch.equal(out, sdpa(qb, kb, vb))  # really the other path
     qg = qb.clone().requires_grad_()

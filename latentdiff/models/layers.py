@@ -45,10 +45,14 @@ ATTENTION_BUDGET_BYTES = 1 << 30
 # threshold, so no fresh pages to fault in per chunk) and near the caches; 16 MB was fastest of 2 / 8 / 16 / 32
 # (benchmarks/README.md "512 px and up").
 CPU_BF16_CHUNK_BYTES = 16 << 20
+# Query rows per chunk at least (where one head's rows fit the bytes above): with all heads of a large batch in
+# one chunk the rows shrank to 14-56 and the GEMMs went skinny; by groups of heads instead, 512 rows were the
+# fastest of 128-1024 (SD 1.5 level 1 at 768 px, batch 4: 6.7 -> ~3.1 s per call; benchmarks/README.md)
+CPU_BF16_MIN_ROWS = 512
 
 
 def _cpu_bf16_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """bf16 attention on the CPU as two bf16 batched GEMMs around a softmax, over chunks of query rows.
+    """bf16 attention on the CPU as two bf16 batched GEMMs around a softmax, over chunks of heads and query rows.
 
     PyTorch's CPU flash kernel runs bf16 no faster than fp32 on CPUs without AMX (it multiplies small blocks of
     heads 40 wide), while oneDNN's bf16 GEMMs run at the bf16 peak: this takes 0.3-0.7x the kernel's time for
@@ -61,14 +65,18 @@ def _cpu_bf16_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
     kf = k.float()
     k = (kf - kf.mean(dim=1, keepdim=True)).to(k.dtype)
     kt = k.transpose(1, 2)  # (B * H, d, N_k)
-    rows = max(1, CPU_BF16_CHUNK_BYTES // (b * h * k.shape[1] * 2))
-    scores = q.new_empty(b * h, min(rows, n), k.shape[1])  # reused by every chunk
-    out = q.new_empty(b * h, n, v.shape[-1])
-    for i in range(0, n, rows):
-        qc = q[:, i:i + rows]
-        s = scores[:, :qc.shape[1]]
-        torch.baddbmm(s, qc, kt, beta=0, alpha=d ** -0.5, out=s)
-        torch.bmm(torch.softmax(s, dim=-1), v, out=out[:, i:i + rows])
+    bh, nk, budget = b * h, k.shape[1], CPU_BF16_CHUNK_BYTES // 2  # scores per chunk
+    # chunks of `heads` heads x `rows` query rows: every head at once where that leaves CPU_BF16_MIN_ROWS rows
+    rows = min(n, max(CPU_BF16_MIN_ROWS, budget // (bh * nk)), max(1, budget // nk))
+    heads = max(1, min(bh, budget // (rows * nk)))
+    scores = q.new_empty(heads, rows, nk)  # reused by every chunk
+    out = q.new_empty(bh, n, v.shape[-1])
+    for j in range(0, bh, heads):
+        for i in range(0, n, rows):
+            qc = q[j:j + heads, i:i + rows]
+            s = scores[:qc.shape[0], :qc.shape[1]]
+            torch.baddbmm(s, qc, kt[j:j + heads], beta=0, alpha=d ** -0.5, out=s)
+            torch.bmm(torch.softmax(s, dim=-1), v[j:j + heads], out=out[j:j + heads, i:i + rows])
     return out.view(b, h, n, -1)
 
 
