@@ -47,7 +47,7 @@ ATTENTION_BUDGET_BYTES = 1 << 30
 CPU_BF16_CHUNK_BYTES = 16 << 20
 # Query rows per chunk at least (where one head's rows fit the bytes above): with all heads of a large batch in
 # one chunk the rows shrank to 14-56 and the GEMMs went skinny; by groups of heads instead, 512 rows were the
-# fastest of 128-1024 (SD 1.5 level 1 at 768 px, batch 4: 6.7 -> ~3.1 s per call; benchmarks/README.md)
+# fastest of 128-1024 (SD 1.5 level 1 at 768 px: 0.92-1.07 -> 0.64 s per attention call; benchmarks/README.md)
 CPU_BF16_MIN_ROWS = 512
 
 
