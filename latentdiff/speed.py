@@ -137,7 +137,7 @@ _MMAP_MAX_DEFAULT, _TRIM_DEFAULT = 65536, 128 << 10
 _MMAP_THRESHOLD_MAX = 32 << 20  # where glibc's dynamic threshold ends up for large tensors
 # Freed heap kept for reuse before glibc trims its top, while sampling (the peak-RSS cost of heap_held)
 HEAP_HOLD_BYTES = 1 << 30
-# Blocks mapped on their own while decoding (heap_mapped)
+# Blocks mapped on their own while loading weights and decoding (heap_mapped)
 MAPPED_ABOVE_BYTES = 1 << 20
 _MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
 
@@ -160,16 +160,16 @@ def _malloc_policy(device: torch.device, *settings: tuple[int, int]):
     nothing changes); on exit large blocks go back to mmap (threshold fixed at glibc's dynamic maximum, 32 MB:
     setting any parameter ends the dynamic one), freed heap back to the OS (malloc_trim), and an enclosing
     block's settings apply again (a decode from a sampler callback). Nothing changes where the user set glibc's
-    malloc variables, or off glibc. Process-wide while it lasts."""
+    malloc variables, or off glibc. Process-wide while it lasts. Yields whether the settings apply."""
     mallopt = _mallopt() if device.type == "cpu" else None
     if mallopt is None:
-        yield
+        yield False
         return
     for param, value in settings:
         mallopt(param, value)
     _policies.append(settings)
     try:
-        yield
+        yield True
     finally:
         _policies.pop()
         mallopt(_M_MMAP_MAX, _MMAP_MAX_DEFAULT)
@@ -196,14 +196,13 @@ def heap_mapped(device: torch.device, trim_after: list[nn.Module] = ()):
     lasts). glibc still serves a request from a free chunk of its heap where one fits (the holes sampling or
     loading left), and keeps that chunk's pages once it is freed again; the trims hand them back. SD 1.5 512-px
     decode after sampling: peak RSS 0.45 -> 0.34 GB above the weights, 30 ms of trimming (benchmarks/README.md)."""
-    hooks = [m.register_forward_hook(lambda *_: release_freed_memory()) for m in trim_after] \
-        if device.type == "cpu" and _mallopt() is not None else []
-    try:
-        with _malloc_policy(device, (_M_MMAP_THRESHOLD, MAPPED_ABOVE_BYTES)):
+    with _malloc_policy(device, (_M_MMAP_THRESHOLD, MAPPED_ABOVE_BYTES)) as active:
+        hooks = [m.register_forward_hook(lambda *_: release_freed_memory()) for m in trim_after] if active else []
+        try:
             yield
-    finally:
-        for h in hooks:
-            h.remove()
+        finally:
+            for h in hooks:
+                h.remove()
 
 
 def unpack_conv_weights(module: nn.Module) -> None:

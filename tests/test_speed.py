@@ -452,6 +452,19 @@ print(before, held, fresh_mmap(1 << 30))
 """
 
 
+def test_decode_trims_the_heap_after_each_decoder_stage_and_removes_its_hooks(monkeypatch):
+    for k in speed._MALLOC_ENV:
+        monkeypatch.delenv(k, raising=False)
+    pipe = latentdiff.from_config("tiny-sd15")
+    stages = pipe.vae.decoder.stages()
+    assert len(stages) == 2 * 4 + 3  # 4 levels of num_res_blocks + 1 = 2 ResnetBlocks, 3 upsamplers
+    trims = []
+    monkeypatch.setattr(speed, "release_freed_memory", lambda: trims.append(1))
+    pipe.decode(torch.zeros(1, 4, 8, 8))
+    assert len(trims) == len(stages) + 1  # after each stage, and once at the end of the block
+    assert not any(m._forward_hooks for m in stages)
+
+
 @pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallinfo2"), reason="needs glibc >= 2.33")
 def test_sampling_on_the_cpu_serves_large_tensors_from_the_heap_and_decoding_maps_them():
     """While the sampler runs, a 64 MB tensor is no fresh mmap; before and after it is. While the VAE decodes, an
